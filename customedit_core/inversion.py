@@ -1,0 +1,190 @@
+"""Inversions of a real image's latent into one `Inversion` record any editor consumes.
+
+- ddim: deterministic DDIM inversion with the source prompt at guidance 1; editing then
+  uses the empty prompt as the unconditional branch (the baseline; drifts at high guidance).
+- null_text: DDIM inversion, then per step an optimised unconditional embedding that pulls
+  the guided trajectory back onto the inverted one (Mokady et al.).
+- negative_prompt: the source prompt's embedding replaces the unconditional one; no
+  optimisation (Miyake et al.).
+- direct: per step, the difference between the inverted latent and the guided DDIM step
+  of the source branch is stored and added back to the source branch only (Ju et al.);
+  source reconstruction is exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .ddim import Schedule
+from .errors import InputError, require_finite
+from .sampling import denoise, guided_eps
+from .tokens import PromptTokens, tokenize
+
+METHODS = ("null_text", "negative_prompt", "direct", "ddim")
+
+
+@dataclass
+class Inversion:
+    method: str
+    prompt: str
+    tokens: PromptTokens
+    steps: int
+    guidance: float
+    latents: list            # latents[0] = source, latents[k] after k inverse steps; latents[-1] = z_T
+    uncond: list             # per denoising step i: [1, L, D] unconditional embedding
+    fingerprint: str
+    corrections: Optional[list] = None     # direct inversion: per denoising step, [1, C, h, w]
+    reconstruction: Optional[torch.Tensor] = None
+    inner_steps_used: list = field(default_factory=list)
+
+    @property
+    def source(self) -> torch.Tensor:
+        return self.latents[0]
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return self.latents[-1]
+
+    def check(self, backend, steps: Optional[int] = None, input_name: str = "inversion"):
+        if backend.fingerprint() != self.fingerprint:
+            raise InputError(input_name, "was made with a different model (or different patches/LoRAs) "
+                                         "than the one given now; invert the image again with this model")
+        if steps is not None and steps != self.steps:
+            raise InputError("steps", f"the inversion was made with {self.steps} steps but {steps} were "
+                                      "asked for; use the same step count or invert again")
+
+    def uncond_at(self, rows: int):
+        return lambda i: self.uncond[i].expand(rows, -1, -1)
+
+
+def check_latent(backend, z: torch.Tensor, input_name: str = "latent") -> torch.Tensor:
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        raise InputError(input_name, "expected a LATENT batch of shape [B, C, H, W]")
+    if z.shape[1] != backend.latent_channels:
+        raise InputError(input_name, f"has {z.shape[1]} channels; this model takes {backend.latent_channels}-channel "
+                                     "latents (encode the image with this model's VAE)")
+    m = backend.latent_multiple
+    if z.shape[2] % m or z.shape[3] % m:
+        px = m * backend.vae_scale
+        raise InputError(input_name, f"is {z.shape[3] * backend.vae_scale}x{z.shape[2] * backend.vae_scale} px; "
+                                     f"this model needs width and height that are multiples of {px} px "
+                                     "(resize or crop the image)")
+    return require_finite(input_name, z)
+
+
+def ddim_trajectory(backend, z0, cond, schedule: Schedule):
+    """Inverse DDIM at guidance 1: [z0, z_t0, ..., z_T] (eps at the destination timestep)."""
+    latents = [z0]
+    z = z0
+    tick = backend.progress(schedule.steps)
+    with torch.no_grad():
+        for t in reversed(schedule.timesteps):
+            backend.check_interrupt()
+            z = schedule.invert_step(z, backend.predict_eps(z, t, cond), t)
+            latents.append(z)
+            tick(1)
+    return latents
+
+
+def invert(backend, latent: torch.Tensor, prompt: str, steps: int = 50, guidance: float = 7.5,
+           method: str = "null_text", inner_steps: int = 10, early_stop: float = 1e-5) -> Inversion:
+    """Invert one model-space latent [1, C, h, w] with its source prompt."""
+    if method not in METHODS:
+        raise InputError("method", f"unknown inversion method {method!r}; expected one of {METHODS}")
+    z0 = check_latent(backend, latent, "latent").float().to(backend.device)
+    if z0.shape[0] != 1:
+        raise InputError("latent", f"holds {z0.shape[0]} images; invert one image at a time")
+    if not (1.0 <= guidance <= 30.0):
+        raise InputError("guidance", f"expected a value between 1 and 30, got {guidance}")
+    if method == "null_text" and guidance <= 1.0:
+        raise InputError("guidance", "null-text inversion optimises the unconditional branch, which has no "
+                                     "effect at guidance <= 1; use guidance > 1 (7.5 is usual) or method 'ddim'")
+    if method == "null_text" and not (1 <= inner_steps <= 100):
+        raise InputError("inner_steps", f"expected 1..100 optimisation steps per timestep, got {inner_steps}")
+    tokens = tokenize(backend.tokenizer, prompt, "source_prompt")
+    schedule = Schedule(backend.alphas_cumprod, steps)
+    empty = tokenize(backend.tokenizer, "", allow_empty=True)
+    cond, null = backend.encode([tokens, empty]).chunk(2)
+    with backend.offload():
+        latents = ddim_trajectory(backend, z0, cond, schedule)
+        inv = Inversion(method, prompt, tokens, steps, float(guidance), latents, [null] * steps,
+                        backend.fingerprint())
+        if method == "null_text":
+            _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop)
+        elif method == "negative_prompt":
+            inv.uncond = [cond] * steps
+            inv.reconstruction = reconstruct(backend, inv, schedule, cond)
+        elif method == "direct":
+            _direct_corrections(backend, inv, schedule, cond)
+        else:
+            inv.reconstruction = reconstruct(backend, inv, schedule, cond)
+    inv.latents = [x.detach().cpu() for x in inv.latents]
+    inv.uncond = [u.detach().cpu() for u in inv.uncond]
+    return inv
+
+
+def reconstruct(backend, inv: Inversion, schedule: Optional[Schedule] = None, cond=None) -> torch.Tensor:
+    """Walk the record back down with its source prompt (what an edit's source branch does)."""
+    schedule = schedule or Schedule(backend.alphas_cumprod, inv.steps)
+    if cond is None:
+        cond = backend.encode([inv.tokens])
+    dev = backend.device
+    uncond = [u.to(dev) for u in inv.uncond]
+    corr = [c.to(dev) for c in inv.corrections] if inv.corrections else None
+    return denoise(backend, schedule, inv.noise.to(dev), cond, lambda i: uncond[i], inv.guidance,
+                   corrections=corr)
+
+
+def _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop):
+    steps = schedule.steps
+    z = inv.latents[-1]
+    uncond = null
+    tick = backend.progress(steps * inner_steps)
+    out = []
+    for i, t in enumerate(schedule.timesteps):
+        target = inv.latents[steps - i - 1]
+        with torch.no_grad():
+            ec = backend.predict_eps(z, t, cond)
+        with backend.grad_enabled():
+            u = uncond.detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
+            used = 0
+            for _ in range(inner_steps):
+                backend.check_interrupt()
+                eu = backend.predict_eps(z, t, u)
+                prev = schedule.step(z, eu + inv.guidance * (ec - eu), t)
+                loss = F.mse_loss(prev, target)
+                (grad,) = torch.autograd.grad(loss, [u])
+                u.grad = grad
+                opt.step()
+                used += 1
+                tick(1)
+                if loss.item() < early_stop + i * 2e-5:
+                    break
+            uncond = u.detach()
+        tick(inner_steps - used)
+        inv.inner_steps_used.append(used)
+        out.append(uncond)
+        with torch.no_grad():
+            z = schedule.step(z, guided_eps(backend, z, t, cond, uncond, inv.guidance), t)
+    inv.uncond = out
+    inv.reconstruction = z.detach().cpu()
+
+
+def _direct_corrections(backend, inv, schedule, cond):
+    steps = schedule.steps
+    corrections = []
+    tick = backend.progress(steps)
+    with torch.no_grad():
+        for i, t in enumerate(schedule.timesteps):
+            backend.check_interrupt()
+            z = inv.latents[steps - i]
+            pred = schedule.step(z, guided_eps(backend, z, t, cond, inv.uncond[i], inv.guidance), t)
+            corrections.append((inv.latents[steps - i - 1] - pred).detach().cpu())
+            tick(1)
+    inv.corrections = corrections
+    # By construction the corrected source branch lands on the inverted latents.
+    inv.reconstruction = inv.latents[0].detach().cpu()

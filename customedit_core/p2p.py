@@ -1,0 +1,179 @@
+"""Prompt-to-Prompt controllers (Hertz et al.), one small class per edit policy.
+
+Batch convention: prompt 0 is the source branch, prompts 1.. are edits. Controllers act on
+the conditional half only, as the reference does. Layers are chosen by their size relative
+to the latent (e.g. "side <= latent/2"), never by index.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Controller, Site
+
+
+def _side_ok(site: Site, max_side: float) -> bool:
+    return site.height <= max_side * site.latent_height and site.width <= max_side * site.latent_width
+
+
+class AttentionStore(Controller):
+    """Sums head-averaged cross-attention maps of the cond rows over steps, per layer.
+
+    Only layers with side <= max_side * latent side are kept (the reference keeps <= 32x32 at
+    512 px). The store is a fixed-size sum, so it does not grow with the step count.
+    """
+
+    def __init__(self, max_side: float = 0.5):
+        self.max_side = max_side
+        self.sums: dict[str, torch.Tensor] = {}
+        self.sites: dict[str, Site] = {}
+        self.steps_seen = 0
+
+    def needs_probs(self, site):
+        return site.kind == "cross" and _side_ok(site, self.max_side)
+
+    def probs(self, p, site):
+        m = p[site.layout.cond].mean(dim=1).detach().float()   # [P, N, L]
+        if site.name in self.sums:
+            self.sums[site.name] += m
+        else:
+            self.sums[site.name] = m.clone()
+            self.sites[site.name] = site
+        return p
+
+    def end_step(self, step):
+        self.steps_seen += 1
+
+    def levels(self) -> list[int]:
+        """Downscale factors (1, 2, 4, ...) of the layers recorded."""
+        return sorted({s.scale_down() for s in self.sites.values()})
+
+    def word_maps(self, scale_down: int, places=("down", "up")) -> torch.Tensor:
+        """[P, h, w, L] maps averaged over the recorded layers at one downscale factor."""
+        names = [n for n, s in self.sites.items() if s.scale_down() == scale_down and s.place in places]
+        if not names:
+            names = [n for n, s in self.sites.items() if s.scale_down() == scale_down]
+        if not names:
+            raise ValueError(f"no cross-attention layers recorded at 1/{scale_down} of the latent size")
+        site = self.sites[names[0]]
+        m = torch.stack([self.sums[n] for n in names]).mean(0)
+        return m.reshape(m.shape[0], site.height, site.width, m.shape[-1]) / max(1, self.steps_seen)
+
+    def nearest_level(self, scale_down: int) -> int:
+        lv = self.levels()
+        if not lv:
+            raise ValueError("no cross-attention maps were recorded")
+        return min(lv, key=lambda s: (abs(s - scale_down), -s))
+
+
+class ReplaceSelf(Controller):
+    """Edit branches take the source's self-attention probabilities in early steps."""
+
+    def __init__(self, end_step: int, max_side: float = 0.5, start_step: int = 0):
+        self.start, self.end, self.max_side = start_step, end_step, max_side
+
+    def needs_probs(self, site):
+        return (site.kind == "self" and self.start <= site.step < self.end
+                and site.layout.prompts > 1 and _side_ok(site, self.max_side))
+
+    def probs(self, p, site):
+        c = site.layout.cond
+        p[c.start + 1:c.stop] = p[c.start].unsqueeze(0)
+        return p
+
+
+class _CrossEdit(Controller):
+    """Shared part of replace/refine: a per-step, per-token blend weight alpha [T, E, L]."""
+
+    def __init__(self, alpha: torch.Tensor):
+        self.alpha = alpha
+
+    def needs_probs(self, site):
+        return site.kind == "cross" and site.layout.prompts > 1 and bool(self.alpha[site.step].any())
+
+    def mapped(self, base, own):
+        raise NotImplementedError
+
+    def probs(self, p, site):
+        c = site.layout.cond
+        base, own = p[c.start], p[c.start + 1:c.stop]
+        a = self.alpha[site.step].to(p)[:, None, None, :]
+        p[c.start + 1:c.stop] = self.mapped(base, own) * a + own * (1 - a)
+        return p
+
+
+class ReplaceCross(_CrossEdit):
+    """Word swap: the target's tokens take the aligned source tokens' maps."""
+
+    def __init__(self, mapper: torch.Tensor, alpha: torch.Tensor):
+        super().__init__(alpha)
+        self.mapper = mapper                    # [E, L, L]
+
+    def mapped(self, base, own):
+        return torch.einsum("hnw,ewm->ehnm", base, self.mapper.to(base))
+
+
+class RefineCross(_CrossEdit):
+    """Prompt refinement: aligned tokens take the source's maps, new tokens keep their own."""
+
+    def __init__(self, index: torch.Tensor, token_alpha: torch.Tensor, alpha: torch.Tensor):
+        super().__init__(alpha)
+        self.index, self.token_alpha = index, token_alpha    # [E, L] each
+
+    def mapped(self, base, own):
+        taken = base[:, :, self.index.to(base.device)].permute(2, 0, 1, 3)   # [E, H, N, L]
+        ta = self.token_alpha.to(base)[:, None, None, :]
+        return taken * ta + own * (1 - ta)
+
+
+class Reweight(Controller):
+    """Scales the edit branches' cross-attention to chosen tokens (negative values allowed)."""
+
+    def __init__(self, equalizer: torch.Tensor, start_step: int, end_step: int):
+        self.eq, self.start, self.end = equalizer, start_step, end_step     # eq [E, L]
+
+    def needs_probs(self, site):
+        return (site.kind == "cross" and site.layout.prompts > 1 and self.start <= site.step < self.end)
+
+    def probs(self, p, site):
+        c = site.layout.cond
+        p[c.start + 1:c.stop] = p[c.start + 1:c.stop] * self.eq.to(p)[:, None, None, :]
+        return p
+
+
+class LocalBlend:
+    """After each step from `start_step` on, edit rows keep the source latent outside a mask
+    made from the chosen words' cross-attention (summed over steps so far):
+    layers at 1/4 of the latent side, averaged over layers and heads, 3x3 max-pool,
+    upsampled, divided by the max, thresholded; the source word's mask united with each
+    target's, or the source's alone (Custom-Edit's recipe).
+    """
+
+    def __init__(self, store: AttentionStore, positions: list, threshold: float = 0.3,
+                 start_step: int = 0, scale_down: int = 4, source_only: bool = False):
+        self.store, self.positions = store, positions     # positions[p]: token positions of prompt p
+        self.threshold, self.start = threshold, start_step
+        self.scale_down, self.source_only = scale_down, source_only
+        self.mask = None
+
+    def compute(self, size) -> torch.Tensor:
+        level = self.store.nearest_level(self.scale_down)
+        maps = self.store.word_maps(level)                     # [P, h, w, L]
+        sel = torch.zeros(maps.shape[0], maps.shape[-1], device=maps.device)
+        for p, pos in enumerate(self.positions):
+            if pos:
+                sel[p, pos] = 1.0
+        m = (maps * sel[:, None, None, :]).sum(-1).unsqueeze(1)   # [P, 1, h, w]
+        m = F.max_pool2d(m, 3, stride=1, padding=1)
+        m = F.interpolate(m, size=size)
+        m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        m = m > self.threshold
+        src = m[:1]
+        edits = src.expand(m.shape[0] - 1, -1, -1, -1) if self.source_only else (src | m[1:])
+        return edits.float()
+
+    def __call__(self, step: int, z: torch.Tensor) -> torch.Tensor:
+        if step < self.start:
+            return z
+        self.mask = self.compute(z.shape[2:]).to(z)
+        return torch.cat([z[:1], z[:1] + self.mask * (z[1:] - z[:1])])
