@@ -74,8 +74,14 @@ def tiny_tokenizer():
                          pad_token="<|endoftext|>")
 
 
-def tiny_models(seed: int = 0, with_vae: bool = False):
-    """(unet, text_encoder, tokenizer[, vae]) with SD1.x structure at toy width."""
+def tiny_models(seed: int = 0, with_vae: bool = False, out_scale: float = 0.1):
+    """(unet, text_encoder, tokenizer[, vae]) with SD1.x structure at toy width.
+
+    A random-init UNet predicts O(1) noise that jumps between neighbouring timesteps, which
+    no trained model does; scaling its output layer by `out_scale` keeps the noise field
+    smooth enough that DDIM inversion is nearly invertible (as with trained weights), so
+    tests can tell a good inversion from a bad one.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -90,6 +96,9 @@ def tiny_models(seed: int = 0, with_vae: bool = False):
         block_out_channels=(32, 32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
     ).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(out_scale)
+        unet.conv_out.bias.mul_(out_scale)
     if not with_vae:
         return unet, te, tok
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
