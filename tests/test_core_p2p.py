@@ -166,3 +166,17 @@ def test_attention_maps(backend, inversions):
     assert (same - src_maps).abs().max() < 1e-3
     labelled = attention_maps(backend, inv, "a photo of a striped cat on grass")
     assert labelled.shape[0] == 8
+
+
+def test_prompt_at_the_token_limit_with_punctuation(backend, z0):
+    src = ", ".join(["a cat"] * 24) + ", a cat!"          # 75 tokens: the model's limit
+    assert backend.tokenizer.max_length - 2 == len([t for t in src.replace(",", " ,").replace("!", " !").split()])
+    inv = invert(backend, z0, src, steps=3, guidance=7.5, method="negative_prompt")
+    tgt = src[:-4] + "dog!"
+    r = p2p_edit(backend, inv, tgt, P2PSettings(mode="replace", blend_source_words=("cat",),
+                                                blend_target_words=("dog",)))
+    assert torch.isfinite(r.edited).all() and r.mask is not None
+    same = p2p_edit(backend, inv, src, P2PSettings(mode="refine"))
+    assert (same.edited - same.source).abs().max() < 1e-5
+    with pytest.raises(InputError, match="at most 75"):
+        p2p_edit(backend, inv, src + " more")
