@@ -1,0 +1,347 @@
+"""ComfyUI backend: a ModelPatcher (SD1.x/SD2.x UNet) + CLIP, hooks via attention replace patches.
+
+Only this module imports ComfyUI, and only when a backend is made, so the core stays
+importable without it. The user's ModelPatcher is never modified: the backend works on
+`model.clone()`, on which it registers an attn1/attn2 replace patch for every transformer
+block of the UNet. The patches are stateless: the hook of a call travels in the
+`transformer_options` of that call, so with no hook they compute ComfyUI's own attention.
+
+Time: the core's integer DDIM timestep t is the model's discrete timestep; it is turned
+into sigma with the model's `model_sampling`, the latent is scaled to k-diffusion's
+x = z * sqrt(sigma^2 + 1), the model returns the denoised estimate and
+eps = (x - denoised) / sigma, which holds for eps- and v-prediction alike.
+
+Host quirk: ComfyUI runs nodes under `torch.inference_mode()` and its weights are
+inference tensors. Call the core inside `core_context()` (inference mode off, no grad), so
+the tensors the core makes are ordinary ones; `grad_enabled()` then switches to a second
+clone whose weight wrappers hand the ops a fresh (non-inference) copy of each weight, as
+ComfyUI's own trainer does, so autograd can reach the text embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import Site
+from ..errors import InputError
+from ..tokens import PromptTokens
+from .base import Backend
+
+HOOK_KEY = "customedit_hook"
+SUPPORTED = "supported: SD1.x and SD2.x checkpoints (e.g. v1-5, v2-1), eps or v prediction"
+_BLOCK = re.compile(r"^(input|middle|output)_blocks?(?:\.(\d+))?\.\d+\.transformer_blocks\.(\d+)$")
+_PLACE = {"input": "down", "middle": "mid", "output": "up"}
+
+
+@contextlib.contextmanager
+def core_context():
+    """Run core code from inside a ComfyUI node: ordinary (non-inference) tensors, no autograd."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _fresh(t):
+    # Weight wrapper for the autograd clone: a tensor autograd may save for backward.
+    return t.clone() if t.is_inference() else t
+
+
+class ComfyTokenizer:
+    """Adapts ComfyUI's SDTokenizer (clip.tokenizer.clip_l / clip_h) to the core's Tokenizer."""
+
+    def __init__(self, sd_tokenizer):
+        self.sd = sd_tokenizer
+        self.tok = sd_tokenizer.tokenizer
+        self.bos = int(sd_tokenizer.start_token)
+        self.eos = int(sd_tokenizer.end_token)
+        self.pad = int(sd_tokenizer.pad_token)      # SD1: the end token; SD2: 0
+        self.max_length = int(min(sd_tokenizer.max_length, 77))
+
+    def word_ids(self, word):
+        return list(self.tok(word, add_special_tokens=False)["input_ids"])
+
+    def text_ids(self, text):
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_supported(model, clip):
+    import comfy.model_sampling
+    import comfy.supported_models as sm
+
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    if config is None or not hasattr(model, "clone"):
+        raise InputError("model", f"expected a MODEL from a checkpoint loader; {SUPPORTED}")
+    if type(config) not in (sm.SD15, sm.SD20):
+        raise InputError("model", f"{type(config).__name__} models are not supported; {SUPPORTED}")
+    ms = model.get_model_object("model_sampling")
+    if not (isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) and isinstance(ms, comfy.model_sampling.EPS)):
+        raise InputError("model", f"its sampling ({type(ms).__name__}) is not a discrete eps/v schedule; {SUPPORTED}")
+    tok = getattr(clip, "tokenizer", None)
+    name = getattr(tok, "clip", None)
+    if clip is None or name is None or not hasattr(tok, name) or not hasattr(clip, "encode_from_tokens"):
+        raise InputError("clip", f"expected the CLIP of an SD1.x/SD2.x checkpoint (one CLIP text encoder); {SUPPORTED}")
+    return ms
+
+
+def _digest(h, obj, depth=0):
+    """Content digest of patch data: tensors by shape and a few sampled values."""
+    if depth > 6:
+        return
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().flatten()
+        h.update(f"T{tuple(obj.shape)}{obj.dtype}".encode())
+        if flat.numel():
+            idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 32)).long().to(flat.device)
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for x in obj:
+            _digest(h, x, depth + 1)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _digest(h, obj[k], depth + 1)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(repr(obj).encode())
+    else:
+        h.update(type(obj).__name__.encode())
+        weights = getattr(obj, "weights", None)        # LoRA-style weight adapters
+        if weights is not None:
+            _digest(h, weights, depth + 1)
+
+
+def _digest_weights(h, patcher, module, prefix, samples=24):
+    """A few sampled values of the base weights (the backup when patches are applied in place)."""
+    params = sorted(module.named_parameters(), key=lambda kv: kv[0])
+    if not params:
+        return
+    picks = sorted({round(i * (len(params) - 1) / max(1, samples - 1)) for i in range(samples)})
+    backup = getattr(patcher, "backup", {}) or {}
+    for i in picks:
+        name, p = params[i]
+        key = prefix + name
+        w = backup[key].weight if key in backup else p
+        _digest(h, (key, w))
+
+
+def _digest_patches(h, patcher):
+    for key in sorted(patcher.patches):
+        h.update(key.encode())
+        for p in patcher.patches[key]:
+            # (strength_patch, patch, strength_model, offset, function)
+            h.update(repr((p[0], p[2], p[3] if len(p) > 3 else None)).encode())
+            _digest(h, p[1])
+    for key in sorted(getattr(patcher, "object_patches", {})):
+        h.update(f"obj:{key}:{type(patcher.object_patches[key]).__name__}".encode())
+
+
+class ComfyBackend(Backend):
+    name = "comfy"
+
+    def __init__(self, model, clip):
+        import comfy.model_management
+
+        ms = _check_supported(model, clip)
+        self.source_model = model
+        self.clip = clip
+        self.patcher = model.clone()
+        self.blocks = self._install_attention(self.patcher)
+        self._grad_patcher = None
+        self._model_sampling = ms
+        inner = model.model
+        self.latent_format = inner.latent_format
+        self.latent_channels = int(getattr(self.latent_format, "latent_channels", 4))
+        mult = inner.model_config.unet_config.get("channel_mult", (1, 2, 4, 4))
+        self.latent_multiple = 2 ** (len(mult) - 1)
+        self.vae_scale = int(getattr(self.latent_format, "spacial_downscale_ratio", 8))
+        sigmas = ms.sigmas.detach().double().cpu()
+        self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+        self.device = torch.device(model.load_device)
+        self.tokenizer = ComfyTokenizer(getattr(clip.tokenizer, clip.tokenizer.clip))
+        self._clip_key = clip.tokenizer.clip_name
+        self._mm = comfy.model_management
+        self._fingerprint = None
+        self._session = 0
+        self._loaded = None
+        self._grad = 0
+
+    # ---- attention -------------------------------------------------------------------------
+
+    @staticmethod
+    def _install_attention(patcher):
+        """attn1/attn2 replace patches on every transformer block; returns their (block, index) keys."""
+        from comfy.ldm.modules.attention import BasicTransformerBlock
+
+        dm = patcher.get_model_object("diffusion_model")
+        old = patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+        keys = []
+        for name, mod in dm.named_modules():
+            if not isinstance(mod, BasicTransformerBlock):
+                continue
+            m = _BLOCK.match(name)
+            if m is None:
+                raise InputError("model", f"unexpected UNet layout (transformer block {name!r}); {SUPPORTED}")
+            part = m.group(1)
+            if (part == "middle") != (m.group(2) is None):
+                raise InputError("model", f"unexpected UNet layout (transformer block {name!r}); {SUPPORTED}")
+            number = 0 if part == "middle" else int(m.group(2))
+            index = int(m.group(3))
+            key = (part, number, index)
+            for attn, kind, setter in (("attn1", "self", patcher.set_model_attn1_replace),
+                                       ("attn2", "cross", patcher.set_model_attn2_replace)):
+                prev = old.get(attn, {}).get(key, old.get(attn, {}).get((part, number)))
+                setter(_replacement(f"{part}.{number}.{index}.{attn}", kind, _PLACE[part], prev),
+                       part, number, index)
+            keys.append(key)
+        if not keys:
+            raise InputError("model", f"no transformer blocks found in the UNet; {SUPPORTED}")
+        return keys
+
+    # ---- latents ---------------------------------------------------------------------------
+
+    def to_model_latent(self, samples: torch.Tensor) -> torch.Tensor:
+        """Host LATENT["samples"] -> the model space the core works in."""
+        return self.latent_format.process_in(samples.float().clone())
+
+    def from_model_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.latent_format.process_out(z.float().cpu().clone())
+
+    # ---- Backend interface -----------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha1()
+            inner = self.source_model.model
+            h.update(f"{type(inner).__name__}/{type(inner.model_config).__name__}".encode())
+            h.update(type(self._model_sampling).__name__.encode())
+            _digest(h, self._model_sampling.sigmas)
+            dm = self.source_model.get_model_object("diffusion_model")
+            _digest_weights(h, self.source_model, dm, "diffusion_model.")
+            _digest_patches(h, self.source_model)
+            cp = self.clip.patcher
+            _digest_weights(h, cp, self.clip.cond_stage_model, "")
+            _digest_patches(h, cp)
+            h.update(repr(getattr(self.clip, "layer_idx", None)).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def encode(self, prompts: Sequence[PromptTokens]) -> torch.Tensor:
+        out = []
+        for p in prompts:
+            tokens = {self._clip_key: [[(int(i), 1.0) for i in p.ids]]}
+            cond = self.clip.encode_from_tokens(tokens)
+            out.append(cond.float())
+        return torch.cat(out).to(self.device)
+
+    def predict_eps(self, z, t, context, hook=None):
+        grad = self._grad > 0 and torch.is_grad_enabled()
+        patcher = self._grad_clone() if grad else self.patcher
+        self._ensure_loaded(patcher)
+        dev = self.device
+        z = z.to(dev, torch.float32)
+        context = context.to(dev)
+        if grad:
+            # inference tensors cannot be saved for backward: hand autograd ordinary ones
+            z = z.clone() if z.is_inference() else z
+            context = context.clone() if context.is_inference() else context
+        B = z.shape[0]
+        sigma = self._model_sampling.sigma(torch.tensor([float(t)])).to(dev, torch.float32).expand(B)
+        s = sigma.view(B, 1, 1, 1)
+        x = z * (s ** 2 + 1.0).sqrt()
+        to = dict(patcher.model_options.get("transformer_options", {}))
+        to["sigmas"] = sigma
+        to["cond_or_uncond"] = [0]      # one chunk: the core lays out cfg rows itself
+        to[HOOK_KEY] = hook
+        denoised = patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
+        return ((x - denoised.float()) / s).float()
+
+    def grad_enabled(self):
+        return self._grad_context()
+
+    @contextlib.contextmanager
+    def _grad_context(self):
+        with torch.inference_mode(False), torch.enable_grad():
+            self._grad += 1
+            try:
+                yield
+            finally:
+                self._grad -= 1
+
+    def check_interrupt(self) -> None:
+        self._mm.throw_exception_if_processing_interrupted()
+
+    def progress(self, total: int):
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(total)
+        return lambda n=1: bar.update(n)
+
+    @contextlib.contextmanager
+    def offload(self):
+        self._session += 1
+        try:
+            self._ensure_loaded(self.patcher, force=True)
+            yield
+        finally:
+            self._session -= 1
+            if self._session == 0:
+                self._loaded = None
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _ensure_loaded(self, patcher, force=False):
+        if force or self._session == 0 or self._loaded is not patcher:
+            self._mm.load_models_gpu([patcher])
+            self._loaded = patcher
+
+    def _grad_clone(self):
+        """A clone of our patched model whose every weight reaches the ops as a non-inference copy."""
+        if self._grad_patcher is None:
+            g = self.patcher.clone()
+            for n, m in g.model.named_modules():
+                if not hasattr(m, "weight_function"):
+                    continue
+                if getattr(m, "weight", None) is not None:
+                    g.add_weight_wrapper(f"{n}.weight", _fresh)
+                if getattr(m, "bias", None) is not None:
+                    g.add_weight_wrapper(f"{n}.bias", _fresh)
+            self._grad_patcher = g
+        return self._grad_patcher
+
+
+def _replacement(name: str, kind: str, place: str, prev=None):
+    """An attn replace patch: calls the hook of this call, or plain attention without one."""
+
+    def attention(q, k, v, extra_options):
+        hook = extra_options.get(HOOK_KEY)
+        heads = extra_options["n_heads"]
+        if hook is None:
+            if prev is not None:
+                return prev(q, k, v, extra_options)
+            from comfy.ldm.modules import attention as comfy_attention
+
+            return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                                      transformer_options=extra_options)
+        B, N, C = q.shape
+        d = C // heads
+        qh, kh, vh = (x.reshape(x.shape[0], -1, heads, d).transpose(1, 2) for x in (q, k, v))
+        shape = extra_options.get("activations_shape") or [B, C, N, 1]
+        orig = extra_options.get("original_shape") or shape
+        site = Site(name, kind, place, int(shape[-2]), int(shape[-1]), heads, int(orig[-2]), int(orig[-1]))
+        o = hook(qh, kh, vh, site)
+        return o.transpose(1, 2).reshape(B, -1, heads * d).to(q.dtype)
+
+    return attention
+
+
+def local_blend_mask_image(mask: Optional[torch.Tensor], latent_hw, vae_scale: int) -> torch.Tensor:
+    """Core mask [E, 1, h, w] (or None) -> host MASK [E, H, W] at image resolution (nearest)."""
+    h, w = latent_hw
+    if mask is None:
+        return torch.ones(1, h * vae_scale, w * vae_scale)
+    return F.interpolate(mask.float().cpu(), scale_factor=vae_scale, mode="nearest")[:, 0]
