@@ -1,0 +1,393 @@
+"""The pack inside a real ComfyUI, in-process: registration, the three nodes, the backend's
+attention hooks, autograd under ComfyUI's inference mode, isolation of the user's model, and
+errors. Needs COMFYUI_DIR (a ComfyUI checkout) and ComfyUI's dependencies; skips otherwise.
+
+  COMFYUI_DIR=/tmp/comfyui OMP_NUM_THREADS=2 /tmp/comfy-venv/bin/python -m pytest tests/test_comfy_nodes.py
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _support():
+    name = "customedit_comfy_support"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("comfy_support.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+S = _support()
+S.skip_unless_comfy()
+
+import copy  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+STEPS = 10
+SOURCE = "a photo of a cat sitting on the grass"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.getbasetemp() / "comfy"
+    S.tiny_checkpoint(r)
+    return r
+
+
+@pytest.fixture(scope="module")
+def comfy(root):
+    return S.import_comfy(root)
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    with torch.inference_mode():
+        return comfy.CheckpointLoaderSimple().load_checkpoint(S.CKPT_NAME)[:3]
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.from_numpy(S.image_array())[None]
+
+
+@pytest.fixture(scope="module")
+def latent(comfy, models, image):
+    with torch.inference_mode():
+        return comfy.VAEEncode().encode(models[2], image)[0]
+
+
+def run(comfy, node_id, **kw):
+    """Call a node as ComfyUI does (under inference mode); returns its outputs."""
+    with torch.inference_mode():
+        return comfy.NODE_CLASS_MAPPINGS[node_id].execute(**kw).result
+
+
+_INVERSIONS = {}
+
+
+def inversion(comfy, models, latent, method, steps=STEPS, inner_steps=10):
+    key = (method, steps, inner_steps)
+    if key not in _INVERSIONS:
+        model, clip, _ = models
+        _INVERSIONS[key] = run(comfy, "CustomEditNullTextInvert", model=model, clip=clip, latent=latent,
+                               source_prompt=SOURCE, steps=steps, guidance=7.5, method=method,
+                               inner_steps=inner_steps)
+    return _INVERSIONS[key]
+
+
+def rel_err(a, b):
+    return ((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-12)).item()
+
+
+def expect_input_error(name, fn, *args, **kw):
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kw)
+    err = info.value
+    assert type(err).__name__ == "InputError", repr(err)
+    assert err.input_name == name, str(err)
+    assert str(err).startswith(f"{name}: ")
+    return str(err)
+
+
+# ---- registration ----------------------------------------------------------------------------
+
+def test_pack_registers_its_nodes(comfy):
+    for node_id in S.NODE_IDS:
+        assert node_id in comfy.NODE_CLASS_MAPPINGS, node_id
+        schema = comfy.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
+        assert schema.category.startswith("customedit/")
+        assert schema.display_name and not schema.display_name.startswith("CustomEdit")
+    info = comfy.NODE_CLASS_MAPPINGS["CustomEditNullTextInvert"].GET_NODE_INFO_V1()
+    assert info["output"] == ["CE_INVERSION", "LATENT"]
+    method = info["input"]["required"]["method"]
+    options = method[1]["options"] if method[0] == "COMBO" else method[0]
+    assert options == ["null_text", "negative_prompt", "direct", "ddim"]
+    p2p = comfy.NODE_CLASS_MAPPINGS["CustomEditP2PEdit"].GET_NODE_INFO_V1()
+    assert p2p["output"] == ["LATENT", "MASK"]
+    assert p2p["input"]["required"]["inversion"][0] == "CE_INVERSION"
+
+
+# ---- backend ---------------------------------------------------------------------------------
+
+def test_backend_hooks_every_attention_layer(comfy, models, latent):
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    att = S.pack_module(comfy, "customedit_core.attention")
+    tokens = S.pack_module(comfy, "customedit_core.tokens")
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    model, clip, _ = models
+    blocks = [m for m in model.model.diffusion_model.modules() if isinstance(m, BasicTransformerBlock)]
+    seen = {}
+
+    class Record(att.Controller):
+        def out(self, o, site):
+            seen[site.name] = site
+            return o
+
+    with torch.inference_mode():
+        b = cb.ComfyBackend(model, clip)
+        with cb.core_context():
+            z = b.to_model_latent(latent["samples"])
+            ctx = b.encode([tokens.tokenize(b.tokenizer, SOURCE)])
+            with b.offload():
+                plain = b.predict_eps(z, 500, ctx)
+                hooked = b.predict_eps(z, 500, ctx, att.AttentionHook([Record()]))
+                probs = b.predict_eps(z, 500, ctx, att.AttentionHook([S.pack_module(
+                    comfy, "customedit_core.p2p").AttentionStore(max_side=1.0)]))
+            # the stock model (no patches) gives the same eps, bit for bit, without a hook
+            sigma = model.model.model_sampling.sigma(torch.tensor([500.0]))
+            x = z * (sigma ** 2 + 1).sqrt()
+            den = model.model.apply_model(x, sigma, c_crossattn=ctx)
+            stock = (x - den) / sigma
+    assert len(b.blocks) == len(blocks) and len(seen) == 2 * len(blocks)
+    assert {s.kind for s in seen.values()} == {"self", "cross"}
+    assert {s.place for s in seen.values()} == {"down", "mid", "up"}
+    h, w = z.shape[2:]
+    assert {(s.height, s.width) for s in seen.values()} == {(h, w), (h // 2, w // 2)}
+    assert all((s.latent_height, s.latent_width) == (h, w) and s.heads == 8 for s in seen.values())
+    assert torch.equal(plain, stock)
+    assert torch.allclose(hooked, plain, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(probs, plain, atol=1e-4, rtol=1e-3)
+
+
+def test_backend_schedule_tokenizer_and_fingerprint(comfy, models):
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    ddim = S.pack_module(comfy, "customedit_core.ddim")
+    model, clip, _ = models
+    b = cb.ComfyBackend(model, clip)
+    assert torch.allclose(b.alphas_cumprod, ddim.sd_alphas_cumprod(), rtol=1e-5)
+    assert (b.tokenizer.bos, b.tokenizer.eos, b.tokenizer.pad, b.tokenizer.max_length) == (49406, 49407, 49407, 77)
+    assert b.latent_channels == 4 and b.vae_scale == 8 and b.latent_multiple == 2
+    fp = b.fingerprint()
+    assert cb.ComfyBackend(model.clone(), clip.clone()).fingerprint() == fp
+    assert cb.ComfyBackend(model, clip).fingerprint() == fp
+    patched = model.clone()
+    key = next(k for k in patched.model_state_dict() if k.endswith("attn2.to_k.weight"))
+    patched.add_patches({key: (torch.ones_like(patched.model_state_dict()[key]),)}, 0.1)
+    assert cb.ComfyBackend(patched, clip).fingerprint() != fp
+    assert not model.patches          # add_patches went to the clone only
+
+
+def test_grad_flows_to_the_context_under_inference_mode(comfy, models):
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    tokens = S.pack_module(comfy, "customedit_core.tokens")
+    model, clip, _ = models
+    with torch.inference_mode():
+        b = cb.ComfyBackend(model, clip)
+        with cb.core_context():
+            ctx = b.encode([tokens.tokenize(b.tokenizer, SOURCE)])
+            z = torch.randn(1, 4, 8, 8)
+            with b.offload(), b.grad_enabled():
+                u = ctx.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(b.predict_eps(z, 400, u).square().mean(), [u])
+    assert g.shape == ctx.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# ---- nodes -----------------------------------------------------------------------------------
+
+def test_direct_inversion_reconstructs_the_source(comfy, models, latent):
+    inv, recon = inversion(comfy, models, latent, "direct")
+    assert recon["samples"].shape == latent["samples"].shape
+    assert rel_err(recon["samples"], latent["samples"]) < 1e-8
+    assert inv.method == "direct" and inv.steps == STEPS and len(inv.latents) == STEPS + 1
+
+
+def test_null_text_reconstructs_better_than_ddim(comfy, models, latent):
+    _, ddim = inversion(comfy, models, latent, "ddim")
+    inv, null = inversion(comfy, models, latent, "null_text")
+    e_ddim, e_null = rel_err(ddim["samples"], latent["samples"]), rel_err(null["samples"], latent["samples"])
+    # the random test model is far from smooth (plain DDIM drifts a lot); null-text must still win clearly
+    assert e_null < 0.7 * e_ddim, (e_null, e_ddim)
+    assert len(inv.uncond) == STEPS and len(inv.inner_steps_used) == STEPS
+    _, neg = inversion(comfy, models, latent, "negative_prompt")
+    assert torch.isfinite(neg["samples"]).all()
+
+
+def test_p2p_with_the_source_prompt_reproduces_the_reconstruction(comfy, models, latent):
+    model, clip, _ = models
+    inv, recon = inversion(comfy, models, latent, "null_text")
+    edited, mask = run(comfy, "CustomEditP2PEdit", model=model, clip=clip, inversion=inv, target_prompt=SOURCE,
+                       mode="refine", cross_replace=0.8, self_replace=0.5)
+    assert rel_err(edited["samples"], recon["samples"]) < 1e-6
+    assert mask.shape == (1, S.IMAGE_SIZE, S.IMAGE_SIZE) and bool((mask == 1).all())
+
+
+def sharpened(model, factor=30.0):
+    """A clone whose cross-attention keys are scaled (as UNetCrossAttentionMultiply does), so the random
+    test model's nearly uniform word maps get spatial structure for a local-blend mask."""
+    m = model.clone()
+    for key in m.model_state_dict():
+        if key.endswith("attn2.to_k.weight"):
+            m.add_patches({key: (None,)}, 0.0, factor)
+    return m
+
+
+def test_p2p_local_blend_keeps_the_outside(comfy, models, latent):
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    core = S.pack_module(comfy, "customedit_core")
+    _, clip, _ = models
+    model = sharpened(models[0])
+    inv, _ = run(comfy, "CustomEditNullTextInvert", model=model, clip=clip, latent=latent, source_prompt=SOURCE,
+                 steps=STEPS, guidance=7.5, method="direct", inner_steps=1)
+    before = [t.clone() for t in inv.latents]
+    target = "a photo of a dog sitting on the grass"
+    edited, mask = run(comfy, "CustomEditP2PEdit", model=model, clip=clip, inversion=inv, target_prompt=target,
+                       mode="replace", cross_replace=0.8, self_replace=0.5, reweight="dog:2", blend_words="cat",
+                       blend_target_words="", blend_source_only=True, blend_threshold=0.5, blend_start=0.2)
+    assert all(torch.equal(a, b) for a, b in zip(before, inv.latents))     # the input was not changed
+    assert mask.shape == (1, S.IMAGE_SIZE, S.IMAGE_SIZE)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    # the same edit through the core: the node returns its edit; outside the mask it is the source branch
+    with torch.inference_mode():
+        b = cb.ComfyBackend(model, clip)
+        with cb.core_context():
+            res = core.p2p_edit(b, inv, target, core.P2PSettings(
+                mode="replace", reweight={"dog": 2.0}, blend_source_words=("cat",), blend_source_only=True,
+                blend_threshold=0.5))
+            host = b.from_model_latent(res.edited)
+    assert torch.equal(edited["samples"], host)
+    assert torch.equal(mask, torch.nn.functional.interpolate(res.mask, scale_factor=8)[:, 0])
+    keep = (res.mask == 0).expand_as(res.edited)
+    assert keep.any() and torch.equal(res.edited[keep], res.source[keep])
+    assert not torch.equal(res.edited, res.source)
+
+
+def test_attention_maps(comfy, models, latent):
+    model, clip, _ = models
+    inv, _ = inversion(comfy, models, latent, "direct")
+    (maps,) = run(comfy, "CustomEditAttentionMaps", model=model, clip=clip, inversion=inv, target_prompt="")
+    assert maps.shape == (len(inv.tokens.words), S.IMAGE_SIZE, S.IMAGE_SIZE, 3)
+    assert maps.min() >= 0 and maps.max() <= 1
+    (tmaps,) = run(comfy, "CustomEditAttentionMaps", model=model, clip=clip, inversion=inv,
+                   target_prompt="a photo of a small cat sitting on the grass")
+    assert tmaps.shape[0] == len(inv.tokens.words) + 1
+
+
+def test_users_model_is_untouched(comfy, models, latent):
+    """A plain KSampler run gives the same bits before and after our nodes; the patcher is unchanged."""
+    model, clip, _ = models
+
+    def ksample():
+        with torch.inference_mode():
+            pos = comfy.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
+            neg = comfy.CLIPTextEncode().encode(clip, "")[0]
+            return comfy.KSampler().sample(model, 7, 3, 7.5, "euler", "normal", pos, neg, latent, denoise=0.7)[0]
+
+    options = copy.deepcopy(model.model_options)
+    state = (dict(model.patches), dict(model.weight_wrapper_patches), dict(model.object_patches), model.patches_uuid)
+    before = ksample()["samples"]
+    inv, _ = run(comfy, "CustomEditNullTextInvert", model=model, clip=clip, latent=latent, source_prompt=SOURCE,
+                 steps=3, guidance=7.5, method="null_text", inner_steps=2)
+    run(comfy, "CustomEditP2PEdit", model=model, clip=clip, inversion=inv, target_prompt="a photo of a dog sitting "
+        "on the grass", mode="replace", cross_replace=0.8, self_replace=0.5, blend_words="cat")
+    run(comfy, "CustomEditAttentionMaps", model=model, clip=clip, inversion=inv, target_prompt="")
+    after = ksample()["samples"]
+    assert torch.equal(before, after)
+    assert model.model_options == options
+    assert state == (dict(model.patches), dict(model.weight_wrapper_patches), dict(model.object_patches),
+                     model.patches_uuid)
+    assert all(not getattr(m, "weight_function", []) for m in model.model.modules())
+
+
+def test_null_text_in_the_executor(comfy, root):
+    """The real path: validate_prompt + PromptExecutor (inference mode, caching, progress)."""
+    import execution
+    import folder_paths
+
+    S.write_test_image(Path(folder_paths.get_input_directory()))
+    try:
+        def graph(method):
+            return {
+                "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": S.CKPT_NAME}},
+                "2": {"class_type": "LoadImage", "inputs": {"image": S.IMAGE_NAME}},
+                "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+                "4": {"class_type": "CustomEditNullTextInvert",
+                      "inputs": {"model": ["1", 0], "clip": ["1", 1], "latent": ["3", 0], "source_prompt": SOURCE,
+                                 "steps": 6, "guidance": 7.5, "method": method, "inner_steps": 5}},
+                "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 1], "vae": ["1", 2]}},
+                "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+            }
+
+        server = S.ServerStub()
+        executor = execution.PromptExecutor(server)
+        errors = {}
+        for method in ("ddim", "null_text"):
+            prompt = graph(method)
+            valid, err, outputs, node_errors = __import__("asyncio").run(
+                execution.validate_prompt(method, prompt, None))
+            assert valid, (err, node_errors)
+            executor.execute(prompt, method, {}, outputs)
+            assert executor.success, executor.status_messages[-3:]
+            source = executor.caches.outputs.get("3")
+            recon = executor.caches.outputs.get("4")
+            src = _first(source)["samples"]
+            rec = _first(recon, 1)["samples"]
+            errors[method] = rel_err(rec, src)
+            assert executor.history_result["outputs"]["6"]["images"]
+        assert errors["null_text"] < 0.8 * errors["ddim"], errors
+
+        # a bad input fails the prompt with our message, naming the input
+        prompt = graph("null_text")
+        prompt["4"]["inputs"]["guidance"] = 1.0
+        executor.execute(prompt, "bad", {}, ["6"])
+        assert not executor.success
+        failure = [d for e, d in executor.status_messages if e == "execution_error"][-1]
+        assert failure["exception_type"].endswith("InputError")
+        assert failure["exception_message"].startswith("guidance: ")
+    finally:
+        (Path(folder_paths.get_input_directory()) / S.IMAGE_NAME).unlink(missing_ok=True)
+
+
+def _first(entry, slot=0):
+    """Output `slot` of a cached node result (the executor caches lists per output slot)."""
+    outputs = getattr(entry, "outputs", entry)
+    value = outputs[slot]
+    return value[0] if isinstance(value, list) else value
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def test_refuses_unsupported_models(comfy, models, latent):
+    import comfy.supported_models as sm
+
+    _, clip, _ = models
+    sdxl = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object.__new__(sm.SDXL)), clone=None)
+    msg = expect_input_error("model", comfy.NODE_CLASS_MAPPINGS["CustomEditNullTextInvert"].execute, model=sdxl,
+                             clip=clip, latent=latent, source_prompt=SOURCE, steps=2, guidance=7.5, method="ddim",
+                             inner_steps=1)
+    assert "SDXL" in msg and "SD1.x and SD2.x" in msg
+
+
+def test_bad_inputs_name_the_input(comfy, models, latent):
+    model, clip, _ = models
+    invert = dict(model=model, clip=clip, latent=latent, source_prompt=SOURCE, steps=2, guidance=7.5,
+                  method="null_text", inner_steps=1)
+    node = "CustomEditNullTextInvert"
+    expect_input_error("latent", run, comfy, node, **{**invert, "latent": {"samples": latent["samples"] * float("nan")}})
+    expect_input_error("guidance", run, comfy, node, **{**invert, "guidance": 1.0})
+    expect_input_error("source_prompt", run, comfy, node, **{**invert, "source_prompt": "  "})
+    expect_input_error("latent", run, comfy, node, **{**invert, "latent": {"samples": latent["samples"][:, :, :7]}})
+
+    inv, _ = inversion(comfy, models, latent, "direct")
+    edit = dict(model=model, clip=clip, inversion=inv, target_prompt="a photo of a dog sitting on the grass",
+                mode="replace", cross_replace=0.8, self_replace=0.5)
+    node = "CustomEditP2PEdit"
+    msg = expect_input_error("target_prompt", run, comfy, node, **{**edit, "target_prompt": "a photo of a big dog sitting on the grass"})
+    assert "refine" in msg
+    expect_input_error("reweight", run, comfy, node, **{**edit, "reweight": "dog=2"})
+    expect_input_error("reweight", run, comfy, node, **{**edit, "reweight": "dog:lots"})
+    expect_input_error("reweight", run, comfy, node, **{**edit, "reweight": "horse:2"})
+    expect_input_error("blend_words", run, comfy, node, **{**edit, "blend_words": "horse"})
+    expect_input_error("blend_words", run, comfy, node, **{**edit, "blend_target_words": "dog"})
+    expect_input_error("blend_target_words", run, comfy, node,
+                       **{**edit, "blend_words": "cat", "blend_target_words": "horse", "blend_source_only": False})
+    patched = model.clone()
+    key = next(k for k in patched.model_state_dict() if k.endswith("attn2.to_v.weight"))
+    patched.add_patches({key: (torch.ones_like(patched.model_state_dict()[key]),)}, 0.1)
+    expect_input_error("inversion", run, comfy, node, **{**edit, "model": patched})
+    expect_input_error("inversion", run, comfy, "CustomEditAttentionMaps", model=model, clip=clip, inversion="x")
