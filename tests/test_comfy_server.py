@@ -1,0 +1,177 @@
+"""The pack in a real ComfyUI server on 127.0.0.1: every workflows/*.api.json is posted to /prompt
+(with the generated tiny checkpoint, a generated input image and few steps) and must write images.
+Needs COMFYUI_DIR (a ComfyUI checkout) and ComfyUI's dependencies in this interpreter; skips otherwise.
+
+  COMFYUI_DIR=/tmp/comfyui OMP_NUM_THREADS=2 /tmp/comfy-venv/bin/python -m pytest tests/test_comfy_server.py
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _support():
+    name = "customedit_comfy_support"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("comfy_support.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+S = _support()
+S.skip_unless_comfy()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+START_TIMEOUT = 180
+RUN_TIMEOUT = 300
+FEW_STEPS = {"CustomEditNullTextInvert": {"steps": 4, "inner_steps": 2}, "KSampler": {"steps": 4}}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url, root, proc, log):
+        self.url, self.root, self.proc, self.log = url, root, proc, log
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path, payload):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def log_tail(self, n=4000):
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def run(self, prompt):
+        """Queue an API graph; wait (bounded) for its history entry."""
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "customedit-tests"})
+        assert status == 200, (body, self.log_tail())
+        pid = body["prompt_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "server died:\n" + self.log_tail()
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                if hist[pid]["status"].get("status_str") in ("success", "error"):
+                    return hist[pid]
+            time.sleep(0.5)
+        pytest.fail(f"prompt {pid} did not finish in {RUN_TIMEOUT}s:\n" + self.log_tail())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp() / "comfy"
+    S.tiny_checkpoint(base)
+    root = tmp_path_factory.mktemp("server")
+    dirs = {k: root / k for k in ("input", "output", "temp", "user")}
+    for d in dirs.values():
+        d.mkdir()
+    S.write_test_image(dirs["input"])
+    paths = root / "paths.yaml"
+    paths.write_text(f"customedit_tests:\n    checkpoints: {base / 'checkpoints'}\n"
+                     f"    custom_nodes: {S.custom_nodes_dir(base)}\n")
+    port = _free_port()
+    log = root / "server.log"
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-api-nodes",
+           "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", str(paths),
+           "--input-directory", str(dirs["input"]), "--output-directory", str(dirs["output"]),
+           "--temp-directory", str(dirs["temp"]), "--user-directory", str(dirs["user"])]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=str(S.comfy_dir()), env=env, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(f"http://127.0.0.1:{port}", root, proc, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("ComfyUI exited during start:\n" + srv.log_tail())
+            try:
+                srv.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT}s:\n" + srv.log_tail())
+                time.sleep(0.5)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def patched(name, server):
+    prompt = json.loads((S.WORKFLOWS / f"{name}.api.json").read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = S.CKPT_NAME
+        elif node["class_type"] == "LoadImage":
+            inputs["image"] = S.IMAGE_NAME
+        elif node["class_type"] == "SaveImage":
+            inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{uuid.uuid4().hex[:8]}"
+        inputs.update(FEW_STEPS.get(node["class_type"], {}))
+    return prompt
+
+
+def test_server_lists_the_nodes(server):
+    info = server.get("/object_info")
+    for node_id in S.NODE_IDS:
+        assert node_id in info, node_id
+        assert info[node_id]["category"].startswith("customedit/")
+    assert info["CustomEditNullTextInvert"]["output"] == ["CE_INVERSION", "LATENT"]
+    assert "customedit" in info["CustomEditP2PEdit"]["python_module"]
+
+
+@pytest.mark.parametrize("name", ["p2p_edit", "attention_maps", "sdedit"])
+def test_workflow_runs_and_writes_images(server, name):
+    prompt = patched(name, server)
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", (entry["status"], server.log_tail())
+    saved = [n for n, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")]
+    assert saved
+    for node_id in saved:
+        images = entry["outputs"].get(node_id, {}).get("images", [])
+        assert images, (node_id, entry["outputs"])
+        for img in images:
+            # --temp-directory D puts previews in D/temp
+            folder = server.root / "output" if img["type"] == "output" else server.root / "temp" / "temp"
+            path = folder / img.get("subfolder", "") / img["filename"]
+            assert path.is_file() and path.stat().st_size > 0, path
+    if name == "attention_maps":
+        n_words = len(prompt["4"]["inputs"]["source_prompt"].split())
+        assert len(entry["outputs"]["6"]["images"]) == n_words
+
+
+def test_bad_input_reports_the_input_name(server):
+    prompt = patched("p2p_edit", server)
+    prompt["5"]["inputs"]["target_prompt"] = "a photo of a big tiger sitting on the grass"   # replace: 8 vs 9 words
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m for kind, m in entry["status"]["messages"] if kind == "execution_error"]
+    assert errors and errors[0]["node_type"] == "CustomEditP2PEdit"
+    assert errors[0]["exception_message"].startswith("target_prompt: ")

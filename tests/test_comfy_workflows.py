@@ -1,0 +1,98 @@
+"""workflows/: each UI-format graph (*.json, what the graph editor saves and loads) and its API-format
+twin (*.api.json, what POST /prompt takes) describe the same nodes, links and widget values.
+Plain JSON checks; runs without ComfyUI (test_comfy_server.py runs the API graphs for real).
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+NAMES = ("p2p_edit", "attention_maps", "sdedit")
+FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}
+# widget values the editor stores that are not node inputs: (after this input, how many)
+EXTRA_WIDGETS = {"KSampler": {"seed": 1}, "KSamplerAdvanced": {"noise_seed": 1}, "LoadImage": {"image": 1}}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def load(name):
+    return json.loads((WORKFLOWS / f"{name}.json").read_text()), json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+
+
+def test_every_workflow_has_both_formats():
+    ui = {p.name[: -len(".json")] for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json")}
+    api = {p.name[: -len(".api.json")] for p in WORKFLOWS.glob("*.api.json")}
+    assert ui == api == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_graph_is_well_formed(name):
+    ui, _ = load(name)
+    assert ui["version"] == 0.4
+    for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra"):
+        assert key in ui, key
+    ids = [n["id"] for n in ui["nodes"]]
+    assert len(ids) == len(set(ids)) and ui["last_node_id"] >= max(ids)
+    links = {link[0]: link for link in ui["links"]}
+    assert len(links) == len(ui["links"]) and ui["last_link_id"] >= max(links)
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for n in ui["nodes"]:
+        for key in ("id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                    "widgets_values"):
+            assert key in n, (n["id"], key)
+        for slot, inp in enumerate(n["inputs"]):
+            if inp.get("link") is None:
+                continue
+            lid, src, src_slot, dst, dst_slot, typ = links[inp["link"]]
+            assert (dst, dst_slot, typ) == (n["id"], slot, inp["type"])
+            out = by_id[src]["outputs"][src_slot]
+            assert out["type"] == typ and lid in out["links"]
+        for slot, out in enumerate(n["outputs"]):
+            for lid in out.get("links") or []:
+                assert links[lid][1:3] == [n["id"], slot]
+    used = {inp["link"] for n in ui["nodes"] for inp in n["inputs"] if inp.get("link") is not None}
+    assert used == set(links)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_describe_the_same_graph(name):
+    ui, api = load(name)
+    links = {link[0]: link for link in ui["links"]}
+    nodes = [n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY and n.get("mode", 0) == 0]
+    assert sorted(str(n["id"]) for n in nodes) == sorted(api)
+    for n in nodes:
+        a = api[str(n["id"])]
+        assert a["class_type"] == n["type"]
+        linked = {}
+        for inp in n["inputs"]:
+            if inp.get("link") is not None:
+                _, src, src_slot, *_ = links[inp["link"]]
+                linked[inp["name"]] = [str(src), src_slot]
+        assert {k: v for k, v in a["inputs"].items() if isinstance(v, list)} == linked, n["id"]
+        widgets = [(k, v) for k, v in a["inputs"].items() if not isinstance(v, list)]
+        expected = []
+        for k, v in widgets:
+            expected.append(v)
+            expected.extend([None] * EXTRA_WIDGETS.get(n["type"], {}).get(k, 0))
+        values = list(n["widgets_values"])
+        assert len(values) == len(expected), (n["id"], values, expected)
+        for got, want, in zip(values, expected):
+            if want is None:
+                assert got in CONTROL_VALUES or got == "image", (n["id"], got)
+            else:
+                assert got == want, (n["id"], got, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflows_use_a_stock_sd15_checkpoint_name(name):
+    ui, api = load(name)
+    loaders = [n for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders and all(n["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors" for n in loaders)
+    assert any(n["class_type"] == "SaveImage" for n in api.values())
+
+
+def test_sdedit_uses_the_hosts_sampler_only():
+    _, api = load("sdedit")
+    assert not any(n["class_type"].startswith("CustomEdit") for n in api.values())
+    (ks,) = [n for n in api.values() if n["class_type"] == "KSampler"]
+    assert ks["inputs"]["denoise"] == 0.6
