@@ -1,0 +1,401 @@
+"""Python API for use outside ComfyUI: load a model, encode an image, invert, edit, decode.
+
+    from customedit_core import api
+    pipe = api.load("path/to/sd15.safetensors")        # or a diffusers folder, or None (tiny toy model)
+    inv = pipe.invert(Image.open("cat.png"), "a photo of a cat", method="null_text")
+    res = pipe.edit(inv, "a photo of a striped cat", mode="refine", blend_source_words=("cat",))
+    pipe.decode(res.edited)[0].save("striped.png")
+
+Everything is offline: a diffusers folder is read with local_files_only, a single .safetensors
+checkpoint is converted in memory (see single_file.py), and a single file's CLIP tokenizer comes
+from a folder next to it, from `tokenizer=`, or from the vendored CLIP BPE merges.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .backends.diffusers import DiffusersBackend
+from .edit import EditResult, P2PSettings, p2p_edit
+from .errors import InputError
+from .inversion import METHODS, Inversion, invert as _invert
+from .single_file import PICKLE_SUFFIXES, SUPPORTED, refuse_pickle
+
+TINY_NOTICE = ("notice: no model given, so the built-in tiny model is used: its weights are random and "
+               "untrained (a toy to check that the pipeline runs), so outputs look like noise. Pass a "
+               "diffusers-format folder or an SD1.x/SD2.x .safetensors checkpoint to edit for real.")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@dataclass
+class Pipeline:
+    """A DiffusersBackend plus the VAE that maps images to the backend's latent space."""
+    backend: DiffusersBackend
+    vae: object                             # diffusers AutoencoderKL
+    scaling_factor: float
+    source: str                             # what was loaded: a path, or "tiny"
+    family: str                             # "sd1" | "sd2" | "diffusers" | "tiny"
+    notes: list = field(default_factory=list)
+    log: Callable[[str], None] = _stderr
+    default_size: int = 512
+
+    # --- facts -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def prediction_type(self) -> str:
+        return self.backend.prediction_type
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels (VAE factor x UNet downsampling)."""
+        return self.backend.latent_multiple * self.backend.vae_scale
+
+    # --- images --------------------------------------------------------------------------
+    def prepare_image(self, image, size: Optional[int] = None, input_name: str = "image"):
+        """RGB PIL image whose longer side is `size` (default: as given) and whose sides are multiples
+        of `pixel_multiple`; states any resize through `log`."""
+        pil = to_pil(image, input_name)
+        w, h = pil.size
+        m = self.pixel_multiple
+        if size is not None:
+            if size < m:
+                raise InputError("size", f"expected at least {m} px for this model, got {size}")
+            s = size / max(w, h)
+            tw, th = max(m, round(w * s / m) * m), max(m, round(h * s / m) * m)
+        else:
+            tw, th = max(m, round(w / m) * m), max(m, round(h / m) * m)
+        if (tw, th) != (w, h):
+            self.log(f"note: {input_name} resized from {w}x{h} to {tw}x{th} px (this model needs sides that "
+                     f"are multiples of {m} px" + (f", longer side {size} px)" if size else ")"))
+            from PIL import Image
+            pil = pil.resize((tw, th), Image.LANCZOS)
+        return pil
+
+    @torch.no_grad()
+    def encode_image(self, image, size: Optional[int] = None, input_name: str = "image") -> torch.Tensor:
+        """Model-space latent [1, C, h, w] (VAE posterior mean x scaling factor) of one image."""
+        pil = self.prepare_image(image, size, input_name)
+        x = pil_to_tensor(pil).to(self.device) * 2.0 - 1.0
+        lat = self.vae.encode(x.to(_dtype(self.vae))).latent_dist.mean.float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * self.scaling_factor).cpu()
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, output: str = "pil"):
+        """Images of model-space latents [B, C, h, w]: a list of PIL images, or with output="tensor"
+        a float tensor [B, 3, H, W] in 0..1."""
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 4:
+            raise InputError("latent", "expected a latent batch of shape [B, C, h, w]")
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latent.to(self.device, _dtype(self.vae)) / self.scaling_factor + shift
+        x = ((self.vae.decode(z).sample.float() + 1.0) / 2.0).clamp(0, 1).cpu()
+        if output == "tensor":
+            return x
+        return [tensor_to_pil(img) for img in x]
+
+    # --- the core, wrapped ----------------------------------------------------------------
+    def invert(self, image, prompt: str, steps: int = 50, guidance: float = 7.5, method: str = "null_text",
+               inner_steps: int = 10, size: Optional[int] = None) -> Inversion:
+        """Invert an image (PIL, array, tensor) or a model-space latent [1, C, h, w] with its prompt."""
+        if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == self.backend.latent_channels \
+                and image.shape[1] != 3:
+            latent = image
+        else:
+            latent = self.encode_image(image, size)
+        return _invert(self.backend, latent, prompt, steps=steps, guidance=guidance, method=method,
+                       inner_steps=inner_steps)
+
+    def edit(self, inv: Inversion, target_prompts: Union[str, Sequence[str]],
+             settings: Optional[P2PSettings] = None, **settings_kw) -> EditResult:
+        """Prompt-to-Prompt edit of an inversion; keyword arguments are P2PSettings fields."""
+        if settings is None:
+            settings = P2PSettings(**settings_kw)
+        elif settings_kw:
+            raise InputError("settings", "give either a P2PSettings or its fields as keywords, not both")
+        return p2p_edit(self.backend, inv, target_prompts, settings)
+
+    def attention_maps(self, inv: Inversion, target_prompt: Optional[str] = None,
+                       settings: Optional[P2PSettings] = None, label: bool = True) -> torch.Tensor:
+        """IMAGE batch [N, H, W, 3] of the per-word cross-attention maps (see maps.attention_maps)."""
+        from .maps import attention_maps
+        return attention_maps(self.backend, inv, target_prompt, settings, label=label)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+# --- image conversions -------------------------------------------------------------------
+def to_pil(image, input_name: str = "image"):
+    """PIL RGB from a PIL image, a path, a uint8/float array (H, W, 3) or a float tensor in 0..1
+    ([3, H, W], [1, 3, H, W], [H, W, 3] or [1, H, W, 3])."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        return open_image(str(image), input_name)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.array(image))
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        if t.dim() == 4:
+            if t.shape[0] != 1:
+                raise InputError(input_name, f"holds {t.shape[0]} images; give one image")
+            t = t[0]
+        if t.dim() == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
+            t = t.permute(1, 2, 0)
+        if t.dim() != 3 or t.shape[-1] not in (1, 3):
+            raise InputError(input_name, f"expected an RGB image tensor, got shape {tuple(image.shape)}")
+        if t.shape[-1] == 1:
+            t = t.expand(-1, -1, 3)
+        return Image.fromarray((t.clamp(0, 1).numpy() * 255).round().astype("uint8"))
+    raise InputError(input_name, f"expected a PIL image, a path, an array or a tensor, got {type(image).__name__}")
+
+
+def open_image(path: str, input_name: str = "image"):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise InputError(input_name, f"{path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(input_name, f"{path!r} is not a readable image ({e})") from None
+
+
+def pil_to_tensor(pil) -> torch.Tensor:
+    import numpy as np
+    return torch.from_numpy(np.asarray(pil.convert("RGB")).astype("float32") / 255.0).permute(2, 0, 1)[None]
+
+
+def tensor_to_pil(x: torch.Tensor):
+    """[3, H, W] in 0..1 -> PIL."""
+    from PIL import Image
+    return Image.fromarray((x.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"))
+
+
+def demo_scene(size: int = 512):
+    """The bundled picture (drawn, not shipped): a red circle on green grass under a blue sky."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size].astype("float32") / size
+    img = np.zeros((size, size, 3), "float32")
+    sky = yy < 0.55
+    img[sky] = np.stack([0.35 + 0.2 * yy, 0.6 + 0.2 * yy, 0.95 - 0.1 * yy], -1)[sky]
+    grass = ~sky
+    stripes = 0.05 * np.sin(xx * 60 + yy * 20)
+    img[grass] = np.stack([0.2 + stripes, 0.55 + 0.2 * (yy - 0.55) + stripes, 0.15 + 0 * yy], -1)[grass]
+    r = np.sqrt((xx - 0.5) ** 2 + (yy - 0.58) ** 2)
+    disk = r < 0.22
+    shade = 1.0 - 0.6 * np.clip((xx - 0.42) ** 2 + (yy - 0.5) ** 2, 0, 1) ** 0.5
+    img[disk] = np.stack([0.85 * shade, 0.08 * shade, 0.08 * shade], -1)[disk]
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype("uint8"))
+
+
+# --- loading -----------------------------------------------------------------------------
+def _dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device", "CUDA was asked for but this torch build sees no GPU; use device 'cpu'")
+    return dev
+
+
+def alphas_from_scheduler_config(cfg: dict) -> tuple[torch.Tensor, str]:
+    """(alphas_cumprod float64 [N], prediction type) of a diffusers scheduler config."""
+    from .ddim import sd_alphas_cumprod
+
+    n = int(cfg.get("num_train_timesteps", 1000))
+    start, end = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    kind = cfg.get("beta_schedule", "scaled_linear")
+    pred = cfg.get("prediction_type", "epsilon")
+    if cfg.get("trained_betas") is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
+        return torch.cumprod(1.0 - betas, 0), pred
+    if cfg.get("rescale_betas_zero_snr"):
+        raise InputError("model", "the scheduler rescales betas to zero terminal SNR, which the DDIM math "
+                                  "here does not support")
+    if kind == "scaled_linear":
+        return sd_alphas_cumprod(n, start, end), pred
+    if kind == "linear":
+        betas = torch.linspace(start, end, n, dtype=torch.float64)
+        return torch.cumprod(1.0 - betas, 0), pred
+    if kind == "squaredcos_cap_v2":
+        from diffusers import DDIMScheduler
+        sch = DDIMScheduler(num_train_timesteps=n, beta_schedule=kind)
+        return sch.alphas_cumprod.double(), pred
+    raise InputError("model", f"the scheduler's beta schedule {kind!r} is not supported "
+                              "(scaled_linear, linear, squaredcos_cap_v2)")
+
+
+def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None,
+         tokenizer: Optional[str] = None, prediction_type: Optional[str] = None,
+         log: Optional[Callable[[str], None]] = None) -> Pipeline:
+    """Load a model for editing, fully offline.
+
+    model: a diffusers-format folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/), a single
+    SD1.x/SD2.x `.safetensors` checkpoint in the original LDM layout, or None for the built-in tiny
+    toy model (random weights). device: default CUDA when available. dtype: of the UNet and text
+    encoder, default float16 on CUDA and float32 on the CPU (the VAE always runs in float32).
+    tokenizer: a CLIP tokenizer folder, overriding the one found with the model.
+    prediction_type: "epsilon" or "v_prediction", overriding what is read or inferred.
+    """
+    log = log or _stderr
+    dev = _device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise InputError("prediction_type", f"expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    notes = []
+    if model is None:
+        from .tiny import tiny_models
+        log(TINY_NOTICE)
+        unet, te, tok, vae = tiny_models(with_vae=True)
+        alphas, pred, family, source, size = None, prediction_type or "epsilon", "tiny", "tiny", 128
+        if tokenizer:
+            raise InputError("tokenizer", "the tiny built-in model has its own tokenizer; give a model too")
+    else:
+        model = os.fspath(model)
+        if os.path.isdir(model):
+            unet, te, tok, vae, alphas, pred = _load_folder(model, tokenizer, log)
+            pred = prediction_type or pred
+            family, size = "diffusers", 512
+        elif os.path.isfile(model):
+            unet, te, tok, vae, pred, family = _load_single_file(model, tokenizer, prediction_type, log, notes)
+            alphas, size = None, 512
+        elif model.lower().endswith(PICKLE_SUFFIXES):
+            raise InputError("model", f"{model!r} does not exist (and pickle checkpoints are refused anyway: "
+                                      "convert them to .safetensors)")
+        else:
+            raise InputError("model", f"{model!r} does not exist; expected a diffusers-format folder or a "
+                                      ".safetensors SD1.x/SD2.x checkpoint (models are never downloaded)")
+        source = model
+    for m in (unet, te, vae):
+        m.requires_grad_(False)
+        m.eval()
+    for m, dt in ((unet, dtype), (te, dtype), (vae, torch.float32)):
+        m.to(dev)
+        if _dtype(m) != dt:
+            m.to(dt)
+    backend = DiffusersBackend(unet, te, tok, alphas_cumprod=alphas, prediction_type=pred, device=dev, dtype=dtype)
+    backend.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scaling = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+    return Pipeline(backend, vae, scaling, source, family, notes, log, size)
+
+
+def _has_weights(folder: str, name: str) -> Optional[str]:
+    """Raise for a component folder with only pickled weights; return its path."""
+    path = os.path.join(folder, name)
+    if not os.path.isdir(path):
+        raise InputError("model", f"{folder!r} has no {name}/ folder; a diffusers-format SD1.x/SD2.x folder "
+                                  "needs unet/, text_encoder/, tokenizer/ and vae/ (scheduler/ optional)")
+    if name == "tokenizer":
+        return path
+    files = os.listdir(path)
+    if not any(f.endswith(".safetensors") for f in files):
+        if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+            refuse_pickle(os.path.join(path, next(f for f in files if f.endswith(PICKLE_SUFFIXES))))
+        raise InputError("model", f"{path!r} holds no .safetensors weights")
+    return path
+
+
+def _load_folder(folder: str, tokenizer: Optional[str], log):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .single_file import load_tokenizer_folder
+
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            cls = json.load(f).get("_class_name", "")
+        if any(x in cls for x in ("XL", "StableDiffusion3", "Flux", "Cascade", "Kandinsky", "UnCLIP", "PixArt",
+                                  "Upscale", "Sana", "Wuerstchen")):
+            raise InputError("model", f"{folder!r} is a {cls} folder, which is not supported; {SUPPORTED}")
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
+        raise InputError("model", f"{folder!r} has a second text encoder (an SDXL-type model), which is not "
+                                  f"supported; {SUPPORTED}")
+    for name in ("unet", "text_encoder", "vae"):
+        _has_weights(folder, name)
+    with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as f:
+        ucfg = json.load(f)
+    if ucfg.get("addition_embed_type") or ucfg.get("cross_attention_dim") == 2048:
+        raise InputError("model", f"{folder!r} holds an SDXL-type UNet, which is not supported yet; {SUPPORTED}")
+    if ucfg.get("in_channels", 4) != 4:
+        raise InputError("model", f"the UNet takes {ucfg.get('in_channels')} input channels (an inpainting or "
+                                  "depth model); only plain 4-channel text-to-image models are supported")
+    kw = dict(local_files_only=True, use_safetensors=True)
+    dkw = dict(kw, low_cpu_mem_usage=False)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **dkw)
+    te = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **dkw)
+    tok = load_tokenizer_folder(tokenizer or _has_weights(folder, "tokenizer"), None,
+                                "tokenizer" if tokenizer else "model")
+    alphas, pred = None, "epsilon"
+    sch = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sch):
+        with open(sch, encoding="utf-8") as f:
+            alphas, pred = alphas_from_scheduler_config(json.load(f))
+    else:
+        log("note: no scheduler/scheduler_config.json; assuming SD's scaled-linear betas and epsilon prediction")
+    _check_vocab(te, tok)
+    return unet, te, tok, vae, alphas, pred
+
+
+def _load_single_file(path: str, tokenizer: Optional[str], prediction_type, log, notes):
+    from .clip_vocab import clip_tokenizer
+    from .single_file import (build_text_encoder, build_unet, build_vae, find_tokenizer_folder,
+                              inspect_checkpoint, load_tokenizer_folder)
+
+    ck = inspect_checkpoint(path, prediction_type)
+    tok_dir = tokenizer or find_tokenizer_folder(path)
+    if tok_dir:
+        tok = load_tokenizer_folder(tok_dir, ck.family)
+        notes.append(f"tokenizer from {tok_dir}")
+    else:
+        tok = clip_tokenizer("!" if ck.family == "sd2" else "<|endoftext|>")
+        notes.append("tokenizer derived from the vendored CLIP BPE merges")
+    if ck.text_config["vocab_size"] != len(tok):
+        raise InputError("tokenizer", f"the checkpoint's text encoder has {ck.text_config['vocab_size']} token "
+                                      f"embeddings but the tokenizer has {len(tok)} tokens; give the matching "
+                                      "tokenizer folder (vocab.json + merges.txt) with --tokenizer")
+    unet = build_unet(ck)
+    te = build_text_encoder(ck, tok)
+    vae = build_vae(ck)
+    note = f"{ck.family.upper()}.x checkpoint, {ck.prediction_type} prediction ({ck.prediction_note})"
+    notes.append(note)
+    if ck.family == "sd2" and not prediction_type:
+        log(f"note: {note}")
+    ck.state_dict.clear()
+    return unet, te, tok, vae, ck.prediction_type, ck.family
+
+
+def _check_vocab(te, tok):
+    n = te.config.vocab_size
+    if n < len(tok):
+        raise InputError("tokenizer", f"the tokenizer has {len(tok)} tokens but the text encoder only {n} "
+                                      "embeddings; give the tokenizer that belongs to the model")
+
+
+__all__ = ["METHODS", "Pipeline", "P2PSettings", "demo_scene", "load", "open_image", "to_pil"]
