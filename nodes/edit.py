@@ -55,7 +55,7 @@ class NullTextInvert(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CustomEditNullTextInvert",
-            display_name="Invert Image (Null-Text / DDIM)",
+            display_name="Invert Image (Null-text / fast)",
             category=f"{CATEGORY}/inversion",
             description="Inverts an image's latent along a deterministic DDIM trajectory so that it can be "
                         "edited with Prompt-to-Prompt. Also returns the reconstruction, to check the inversion.",
@@ -161,7 +161,7 @@ class AttentionMaps(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CustomEditAttentionMaps",
-            display_name="Attention Maps (per word)",
+            display_name="Attention Maps",
             category=f"{CATEGORY}/inspect",
             description="Per-word cross-attention maps of the inverted image's source prompt, or of a target "
                         "prompt in a Prompt-to-Prompt edit; one image per word.",

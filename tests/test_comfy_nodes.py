@@ -162,6 +162,8 @@ def test_backend_schedule_tokenizer_and_fingerprint(comfy, models):
     b = cb.ComfyBackend(model, clip)
     assert torch.allclose(b.alphas_cumprod, ddim.sd_alphas_cumprod(), rtol=1e-5)
     assert (b.tokenizer.bos, b.tokenizer.eos, b.tokenizer.pad, b.tokenizer.max_length) == (49406, 49407, 49407, 77)
+    ids = S.pack_module(comfy, "customedit_core.tokens").tokenize(b.tokenizer, SOURCE).ids
+    assert list(ids) == [t[0] for t in clip.tokenize(SOURCE)["l"][0]]      # ComfyUI's own tokens
     assert b.latent_channels == 4 and b.vae_scale == 8 and b.latent_multiple == 2
     fp = b.fingerprint()
     assert cb.ComfyBackend(model.clone(), clip.clone()).fingerprint() == fp
@@ -171,6 +173,57 @@ def test_backend_schedule_tokenizer_and_fingerprint(comfy, models):
     patched.add_patches({key: (torch.ones_like(patched.model_state_dict()[key]),)}, 0.1)
     assert cb.ComfyBackend(patched, clip).fingerprint() != fp
     assert not model.patches          # add_patches went to the clone only
+
+
+def test_v_prediction_is_converted_to_eps(comfy, models):
+    """Same network, v-prediction sampling: eps = sqrt(a) * v + sqrt(1 - a) * z."""
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    tokens = S.pack_module(comfy, "customedit_core.tokens")
+    model, clip, _ = models
+    with torch.inference_mode():
+        vmodel = comfy.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(model, "v_prediction", False)[0]
+        b, bv = cb.ComfyBackend(model, clip), cb.ComfyBackend(vmodel, clip)
+        assert b.fingerprint() != bv.fingerprint()
+        with cb.core_context():
+            ctx = b.encode([tokens.tokenize(b.tokenizer, SOURCE)])
+            z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            t = 600
+            out = b.predict_eps(z, t, ctx.expand(2, -1, -1))      # the raw network output (eps model)
+            eps_v = bv.predict_eps(z, t, ctx.expand(2, -1, -1))
+        lcm = comfy.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(model, "lcm", False)[0]
+        expect_input_error("model", cb.ComfyBackend, lcm, clip)
+    a = float(b.alphas_cumprod[t])
+    assert torch.allclose(eps_v, a ** 0.5 * out + (1 - a) ** 0.5 * z, atol=1e-4, rtol=1e-4)
+
+
+def test_sd2_tokenizer_convention(comfy, models):
+    """SD2's OpenCLIP tokenizer pads with 0 and its CLIP takes tokens under key 'h'."""
+    from comfy.text_encoders.sd2_clip import SD2Tokenizer
+
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    tokens = S.pack_module(comfy, "customedit_core.tokens")
+    seen = []
+
+    class SD2Clip:                        # the encoder is not under test: record what it is given
+        tokenizer = SD2Tokenizer()
+        layer_idx = None
+        patcher = models[1].patcher
+        cond_stage_model = models[1].cond_stage_model
+
+        def encode_from_tokens(self, toks):
+            seen.append(toks)
+            return torch.zeros(1, 77, 1024)
+
+    b = cb.ComfyBackend(models[0], SD2Clip())
+    assert (b.tokenizer.bos, b.tokenizer.eos, b.tokenizer.pad) == (49406, 49407, 0)
+    p = tokens.tokenize(b.tokenizer, "a photo of a teapot")
+    assert b.encode([p, p]).shape == (2, 77, 1024)
+    assert list(seen[0]) == ["h"] and len(seen[0]["h"]) == 1 and len(seen[0]["h"][0]) == 77
+    ids = [i for i, w in seen[0]["h"][0]]
+    assert ids[0] == 49406 and ids[p.length - 1] == 49407 and set(ids[p.length:]) == {0}
+    assert all(w == 1.0 for _, w in seen[0]["h"][0])
+    ref = SD2Clip.tokenizer.tokenize_with_weights("a photo of a teapot")["h"][0]
+    assert ids == [t[0] for t in ref]                 # same ids as ComfyUI's own tokenizer
 
 
 def test_grad_flows_to_the_context_under_inference_mode(comfy, models):

@@ -1,4 +1,4 @@
-"""The pack in a real ComfyUI server on 127.0.0.1: every workflows/*.api.json is posted to /prompt
+"""The pack in a real ComfyUI server on 127.0.0.1: every workflows/api/*.api.json is posted to /prompt
 (with the generated tiny checkpoint, a generated input image and few steps) and must write images.
 Needs COMFYUI_DIR (a ComfyUI checkout) and ComfyUI's dependencies in this interpreter; skips otherwise.
 
@@ -125,7 +125,7 @@ def server(tmp_path_factory):
 
 
 def patched(name, server):
-    prompt = json.loads((S.WORKFLOWS / f"{name}.api.json").read_text())
+    prompt = json.loads((S.WORKFLOWS / "api" / f"{name}.api.json").read_text())
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -145,6 +145,13 @@ def test_server_lists_the_nodes(server):
         assert info[node_id]["category"].startswith("customedit/")
     assert info["CustomEditNullTextInvert"]["output"] == ["CE_INVERSION", "LATENT"]
     assert "customedit" in info["CustomEditP2PEdit"]["python_module"]
+
+
+def test_server_offers_the_ui_workflows_as_templates(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["customedit"]) == ["attention_maps", "p2p_edit", "sdedit"]
+    served = server.get("/api/workflow_templates/customedit/p2p_edit.json")
+    assert served == json.loads((S.WORKFLOWS / "p2p_edit.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["p2p_edit", "attention_maps", "sdedit"])

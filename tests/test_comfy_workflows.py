@@ -1,5 +1,6 @@
-"""workflows/: each UI-format graph (*.json, what the graph editor saves and loads) and its API-format
-twin (*.api.json, what POST /prompt takes) describe the same nodes, links and widget values.
+"""workflows/: each UI-format graph (*.json, what the graph editor saves and loads; ComfyUI lists the
+folder in its templates browser) and its API-format twin (api/*.api.json, what POST /prompt takes)
+describe the same nodes, links and widget values.
 Plain JSON checks; runs without ComfyUI (test_comfy_server.py runs the API graphs for real).
 """
 import json
@@ -16,12 +17,14 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 
 def load(name):
-    return json.loads((WORKFLOWS / f"{name}.json").read_text()), json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}.api.json").read_text())
+    return ui, api
 
 
 def test_every_workflow_has_both_formats():
-    ui = {p.name[: -len(".json")] for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json")}
-    api = {p.name[: -len(".api.json")] for p in WORKFLOWS.glob("*.api.json")}
+    ui = {p.name[: -len(".json")] for p in WORKFLOWS.glob("*.json")}
+    api = {p.name[: -len(".api.json")] for p in (WORKFLOWS / "api").glob("*.json")}
     assert ui == api == set(NAMES)
 
 

@@ -13,9 +13,12 @@ eps = (x - denoised) / sigma, which holds for eps- and v-prediction alike.
 
 Host quirk: ComfyUI runs nodes under `torch.inference_mode()` and its weights are
 inference tensors. Call the core inside `core_context()` (inference mode off, no grad), so
-the tensors the core makes are ordinary ones; `grad_enabled()` then switches to a second
-clone whose weight wrappers hand the ops a fresh (non-inference) copy of each weight, as
-ComfyUI's own trainer does, so autograd can reach the text embedding.
+the tensors the core makes are ordinary ones; `grad_enabled()` then adds weight
+wrappers to our clone that hand the ops a fresh (non-inference) copy of each weight, as
+ComfyUI's own trainer does, so autograd can reach the text embedding. The wrappers go on our
+clone the first time autograd is asked for (one reload of the model) and stay for the rest of
+that backend's life: switching between two clones at every timestep would make ComfyUI move
+the whole model to the offload device and back each time.
 """
 from __future__ import annotations
 
@@ -79,8 +82,16 @@ def _check_supported(model, clip):
     if type(config) not in (sm.SD15, sm.SD20):
         raise InputError("model", f"{type(config).__name__} models are not supported; {SUPPORTED}")
     ms = model.get_model_object("model_sampling")
-    if not (isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) and isinstance(ms, comfy.model_sampling.EPS)):
-        raise InputError("model", f"its sampling ({type(ms).__name__}) is not a discrete eps/v schedule; {SUPPORTED}")
+    mst = comfy.model_sampling
+    discrete = (isinstance(ms, mst.ModelSamplingDiscrete)
+                and int(ms.sigmas.shape[0]) == int(getattr(ms, "num_timesteps", -1))      # not distilled (LCM)
+                and type(ms).sigma is mst.ModelSamplingDiscrete.sigma)
+    prediction = (getattr(type(ms), "calculate_input", None) is mst.EPS.calculate_input
+                  and type(ms).calculate_denoised in (mst.EPS.calculate_denoised, mst.V_PREDICTION.calculate_denoised))
+    if not (discrete and prediction):
+        kinds = "/".join(c.__name__ for c in type(ms).__mro__[1:3])
+        raise InputError("model", f"its sampling ({kinds}) is not a 1000-step discrete eps or v-prediction "
+                                  f"schedule (e.g. a ModelSamplingDiscrete lcm/x0 patch); {SUPPORTED}")
     tok = getattr(clip, "tokenizer", None)
     name = getattr(tok, "clip", None)
     if clip is None or name is None or not hasattr(tok, name) or not hasattr(clip, "encode_from_tokens"):
@@ -151,7 +162,7 @@ class ComfyBackend(Backend):
         self.clip = clip
         self.patcher = model.clone()
         self.blocks = self._install_attention(self.patcher)
-        self._grad_patcher = None
+        self._autograd_weights = False
         self._model_sampling = ms
         inner = model.model
         self.latent_format = inner.latent_format
@@ -167,7 +178,7 @@ class ComfyBackend(Backend):
         self._mm = comfy.model_management
         self._fingerprint = None
         self._session = 0
-        self._loaded = None
+        self._loaded = False
         self._grad = 0
 
     # ---- attention -------------------------------------------------------------------------
@@ -240,8 +251,8 @@ class ComfyBackend(Backend):
 
     def predict_eps(self, z, t, context, hook=None):
         grad = self._grad > 0 and torch.is_grad_enabled()
-        patcher = self._grad_clone() if grad else self.patcher
-        self._ensure_loaded(patcher)
+        patcher = self.patcher
+        self._ensure_loaded()
         dev = self.device
         z = z.to(dev, torch.float32)
         context = context.to(dev)
@@ -265,6 +276,7 @@ class ComfyBackend(Backend):
 
     @contextlib.contextmanager
     def _grad_context(self):
+        self._enable_autograd_weights()
         with torch.inference_mode(False), torch.enable_grad():
             self._grad += 1
             try:
@@ -285,33 +297,35 @@ class ComfyBackend(Backend):
     def offload(self):
         self._session += 1
         try:
-            self._ensure_loaded(self.patcher, force=True)
+            self._ensure_loaded(force=True)
             yield
         finally:
             self._session -= 1
             if self._session == 0:
-                self._loaded = None
+                self._loaded = False
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _ensure_loaded(self, patcher, force=False):
-        if force or self._session == 0 or self._loaded is not patcher:
-            self._mm.load_models_gpu([patcher])
-            self._loaded = patcher
+    def _ensure_loaded(self, force=False):
+        """Our clone on its device (ComfyUI may have moved or swapped models between our sessions)."""
+        if force or self._session == 0 or not self._loaded:
+            self._mm.load_models_gpu([self.patcher])
+            self._loaded = True
 
-    def _grad_clone(self):
-        """A clone of our patched model whose every weight reaches the ops as a non-inference copy."""
-        if self._grad_patcher is None:
-            g = self.patcher.clone()
-            for n, m in g.model.named_modules():
-                if not hasattr(m, "weight_function"):
-                    continue
-                if getattr(m, "weight", None) is not None:
-                    g.add_weight_wrapper(f"{n}.weight", _fresh)
-                if getattr(m, "bias", None) is not None:
-                    g.add_weight_wrapper(f"{n}.bias", _fresh)
-            self._grad_patcher = g
-        return self._grad_patcher
+    def _enable_autograd_weights(self):
+        """Weight wrappers on our clone: every weight reaches the ops as a non-inference copy."""
+        if self._autograd_weights:
+            return
+        g = self.patcher
+        for n, m in g.model.named_modules():
+            if not hasattr(m, "weight_function"):
+                continue
+            if getattr(m, "weight", None) is not None:
+                g.add_weight_wrapper(f"{n}.weight", _fresh)
+            if getattr(m, "bias", None) is not None:
+                g.add_weight_wrapper(f"{n}.bias", _fresh)
+        self._autograd_weights = True
+        self._loaded = False       # new patches uuid: the next call reloads the model with the wrappers
 
 
 def _replacement(name: str, kind: str, place: str, prev=None):
