@@ -1,0 +1,352 @@
+"""Command line: `python -m customedit_core edit|maps|info ...`, fully offline.
+
+    python -m customedit_core edit --model sd15.safetensors --image cat.png \\
+        --source "a photo of a cat" --target "a photo of a striped cat" --blend-words cat --out out.png
+
+writes one PNG: source | reconstruction | edit (| mask). Without --model the tiny built-in toy
+model is used (random weights: a smoke test, not a real edit); without --image a drawn scene
+(a red circle on grass under a blue sky) is used.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SCENE_PROMPT = "a red circle on green grass"
+SCENE_TARGET = "a yellow circle on green grass"
+
+
+def _window(text: str):
+    parts = [p for p in text.replace(":", ",").split(",") if p.strip()]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.8 or a start,end pair like 0.1,0.8; got {text!r}")
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 2:
+        return tuple(vals)
+    raise argparse.ArgumentTypeError(f"expected one or two fractions, got {text!r}")
+
+
+def _reweight(items) -> dict:
+    out = {}
+    for item in items or ():
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            word, sep, value = part.rpartition(":")
+            if not sep or not word.strip():
+                raise _Bad("reweight", f"expected WORD:WEIGHT (e.g. striped:2), got {part!r}")
+            try:
+                out[word.strip()] = float(value)
+            except ValueError:
+                raise _Bad("reweight", f"the weight in {part!r} is not a number") from None
+    return out
+
+
+class _Bad(Exception):
+    def __init__(self, name, msg):
+        super().__init__(f"{name}: {msg}")
+
+
+def _add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="diffusers-format folder or SD1.x/SD2.x .safetensors checkpoint "
+                                   "(default: the tiny built-in toy model with random weights)")
+    g.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file checkpoint (default: a "
+                                       "'tokenizer' folder next to it, else CLIP's vocabulary built in)")
+    g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="override what is read from the model or inferred")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet/text encoder precision "
+                                                                    "(default fp16 on cuda, fp32 on cpu)")
+
+
+def _add_inversion_args(p):
+    g = p.add_argument_group("image and inversion")
+    g.add_argument("--image", help="input image (default: a drawn scene, a red circle on grass)")
+    g.add_argument("--size", type=int, help="resize so the longer side is SIZE px, sides rounded to the "
+                                            "model's pixel multiple (default: 512, or 128 for the tiny model)")
+    g.add_argument("--source", help="prompt describing the input image (default for the drawn scene: "
+                                    f"{SCENE_PROMPT!r})")
+    g.add_argument("--method", default="null_text", choices=["null_text", "negative_prompt", "direct", "ddim"],
+                   help="inversion method (default null_text)")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    g.add_argument("--inner-steps", type=int, default=10,
+                   help="null-text optimisation steps per timestep (default 10)")
+
+
+def _add_edit_args(p, required_target: bool):
+    g = p.add_argument_group("Prompt-to-Prompt edit")
+    g.add_argument("--target", action="append", required=required_target, metavar="PROMPT",
+                   help="edited prompt (repeat for several edits in one batch)"
+                   + ("" if required_target else "; without it the source prompt's maps are shown"))
+    g.add_argument("--mode", default="refine", choices=["refine", "replace"],
+                   help="refine: words added/changed (global token alignment); replace: word swap with the "
+                        "same number of words (default refine)")
+    g.add_argument("--cross-replace", type=_window, default=0.8, metavar="F|START,END",
+                   help="fraction of steps with injected cross-attention (default 0.8)")
+    g.add_argument("--self-replace", type=_window, default=0.5, metavar="F|START,END",
+                   help="fraction of steps with injected self-attention (default 0.5)")
+    g.add_argument("--blend-words", nargs="+", metavar="WORD",
+                   help="local blend: source word(s) whose attention masks the edit region; alone they give "
+                        "Custom-Edit's source-only mask")
+    g.add_argument("--blend-target-words", nargs="+", metavar="WORD",
+                   help="target word(s) whose mask is united with the source words' mask")
+    g.add_argument("--blend-both", action="store_true",
+                   help="unite the source mask with the same words' mask in the target (P2P's recipe)")
+    g.add_argument("--blend-threshold", type=float, default=0.3, help="mask threshold (default 0.3)")
+    g.add_argument("--blend-start", type=float, default=0.2,
+                   help="fraction of steps after which blending starts (default 0.2)")
+    g.add_argument("--reweight", action="append", metavar="WORD:W",
+                   help="scale the edit's attention to a target word, e.g. striped:2 (repeatable, or "
+                        "comma-separated)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m customedit_core",
+                                 description="Text-driven image editing (inversion + Prompt-to-Prompt), offline.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("edit", help="invert an image and edit it; writes source | reconstruction | edit(s)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(e)
+    _add_inversion_args(e)
+    _add_edit_args(e, required_target=False)
+    e.add_argument("--show-mask", action="store_true", help="append the local-blend mask(s) as panels")
+    e.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
+    e.add_argument("--out", required=True, help="output PNG")
+    m = sub.add_parser("maps", help="per-word cross-attention maps of the source (or of an edit) as a PNG grid")
+    _add_model_args(m)
+    _add_inversion_args(m)
+    _add_edit_args(m, required_target=False)
+    m.add_argument("--columns", type=int, default=0, help="grid columns (default: all in one row up to 8)")
+    m.add_argument("--no-labels", action="store_true", help="do not write the words on the maps")
+    m.add_argument("--out", required=True, help="output PNG")
+    i = sub.add_parser("info", help="load a model and print what was detected")
+    _add_model_args(i)
+    return ap
+
+
+def _settings(a):
+    from .edit import P2PSettings
+
+    target_words = tuple(a.blend_target_words or ())
+    if a.blend_both:
+        if not a.blend_words:
+            raise _Bad("blend_both", "needs --blend-words")
+        target_words = target_words or tuple(a.blend_words)
+    if target_words and not a.blend_words:
+        raise _Bad("blend_target_words", "local blend needs at least one source word (--blend-words)")
+    return P2PSettings(mode=a.mode, cross_replace=a.cross_replace, self_replace=a.self_replace,
+                       reweight=_reweight(a.reweight), blend_source_words=tuple(a.blend_words or ()),
+                       blend_target_words=target_words, blend_threshold=a.blend_threshold,
+                       blend_start=a.blend_start)
+
+
+def _load(a, log):
+    import torch
+
+    from . import api
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}[a.dtype]
+    t = time.time()
+    pipe = api.load(a.model, device=a.device, dtype=dtype, tokenizer=a.tokenizer,
+                    prediction_type=a.prediction_type, log=log)
+    log(f"loaded {pipe.source} ({pipe.family}, {pipe.prediction_type}, {pipe.device}) in {time.time() - t:.1f} s")
+    return pipe
+
+
+def _image_and_prompts(a, pipe, log):
+    from . import api
+
+    size = a.size or pipe.default_size
+    if a.image:
+        if not a.source:
+            raise _Bad("source", "describe the input image with --source (the inversion needs its prompt)")
+        image = pipe.prepare_image(api.open_image(a.image), size, "image")
+        source = a.source
+    else:
+        m = pipe.pixel_multiple
+        side = max(m, round(size / m) * m)
+        if side != size:
+            log(f"note: the drawn scene is {side} px (a multiple of {m} px, as this model needs)")
+        image = api.demo_scene(side)
+        source = a.source or SCENE_PROMPT
+        log(f"no --image: using the drawn scene (a red circle on grass), source prompt {source!r}")
+    return image, source
+
+
+def _precheck(pipe, source, targets, settings, steps):
+    """Check prompts and word choices before a possibly long inversion."""
+    from .edit import build_controllers
+    from .tokens import tokenize
+
+    tok = pipe.backend.tokenizer
+    src = tokenize(tok, source, "source_prompt")
+    tgts = [tokenize(tok, t, "target_prompt") for t in targets]
+    if steps < 1:
+        raise _Bad("steps", f"expected a positive number of steps, got {steps}")
+    build_controllers(settings, src, tgts, steps)
+
+
+def _invert(a, pipe, image, source, log):
+    t = time.time()
+    inv = pipe.invert(image, source, steps=a.steps, guidance=a.guidance, method=a.method,
+                      inner_steps=a.inner_steps)
+    log(f"inverted with {a.method} ({a.steps} steps) in {time.time() - t:.1f} s")
+    return inv
+
+
+def _label(img, text):
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, 6 * len(text) + 6, 13], fill=(0, 0, 0))
+    draw.text((3, 1), text, fill=(255, 255, 0))
+    return img
+
+
+def _row(panels, labels=None):
+    from PIL import Image
+
+    w, h = panels[0].size
+    out = Image.new("RGB", (w * len(panels), h))
+    for k, p in enumerate(panels):
+        p = p.convert("RGB")
+        if labels:
+            p = _label(p.copy(), labels[k])
+        out.paste(p, (k * w, 0))
+    return out
+
+
+def cmd_edit(a, log):
+    import torch
+    import torch.nn.functional as F
+
+    from . import api
+
+    settings = _settings(a)
+    pipe = _load(a, log)
+    image, source = _image_and_prompts(a, pipe, log)
+    targets = a.target or ([SCENE_TARGET] if not a.image else None)
+    if not targets:
+        raise _Bad("target", "give the edited prompt with --target")
+    if not a.target:
+        log(f"no --target: editing the drawn scene to {targets[0]!r}")
+    _precheck(pipe, source, targets, settings, a.steps)
+    inv = _invert(a, pipe, image, source, log)
+    t = time.time()
+    res = pipe.edit(inv, targets, settings)
+    log(f"edited in {time.time() - t:.1f} s")
+    decoded = pipe.decode(torch.cat([res.source, res.edited]))
+    panels = [image] + decoded
+    labels = ["source", "reconstruction"] + (["edit"] if len(targets) == 1 else
+                                             [f"edit {k + 1}" for k in range(len(targets))])
+    if a.show_mask:
+        if res.mask is None:
+            log("note: no mask to show (local blend is off; give --blend-words)")
+        else:
+            h, w = image.size[1], image.size[0]
+            m = F.interpolate(res.mask.float(), size=(h, w), mode="nearest")
+            for k in range(m.shape[0]):
+                panels.append(api.tensor_to_pil(m[k].expand(3, -1, -1)))
+                labels.append("mask" if m.shape[0] == 1 else f"mask {k + 1}")
+    out = _row(panels, None if a.no_labels else labels)
+    _save(out, a.out)
+    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: {' | '.join(labels)})")
+    pipe.close()
+
+
+def cmd_maps(a, log):
+    from PIL import Image
+
+    settings = _settings(a) if a.target else None
+    if a.target and len(a.target) > 1:
+        raise _Bad("target", "maps are drawn for one target prompt; give --target once")
+    pipe = _load(a, log)
+    image, source = _image_and_prompts(a, pipe, log)
+    if a.target:
+        _precheck(pipe, source, a.target, settings, a.steps)
+    inv = _invert(a, pipe, image, source, log)
+    maps = pipe.attention_maps(inv, a.target[0] if a.target else None, settings, label=not a.no_labels)
+    tiles = [image] + [Image.fromarray((m.numpy() * 255).round().astype("uint8")) for m in maps]
+    cols = a.columns if a.columns > 0 else min(len(tiles), 8)
+    rows = -(-len(tiles) // cols)
+    w, h = image.size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for k, tile in enumerate(tiles):
+        grid.paste(tile.resize((w, h)), ((k % cols) * w, (k // cols) * h))
+    _save(grid, a.out)
+    words = inv.tokens.words if not a.target else None
+    log(f"wrote {a.out} ({grid.size[0]}x{grid.size[1]}: the image and {len(maps)} word maps"
+        + (f" for {list(words)})" if words else ")"))
+    pipe.close()
+
+
+def cmd_info(a, log):
+    pipe = _load(a, log)
+    b = pipe.backend
+    print(f"model: {pipe.source}\nfamily: {pipe.family}\nprediction: {pipe.prediction_type}\n"
+          f"latent channels: {b.latent_channels}\npixel multiple: {pipe.pixel_multiple}\n"
+          f"VAE scale: {b.vae_scale} px per latent cell, scaling factor {pipe.scaling_factor}\n"
+          f"text width: {b.text_encoder.config.hidden_size}, vocabulary: {len(b.tokenizer.tok)}")
+    for n in pipe.notes:
+        print(f"note: {n}")
+    pipe.close()
+
+
+def _save(img, path):
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise _Bad("out", f"the folder {d!r} does not exist")
+    if not path.lower().endswith(".png"):
+        raise _Bad("out", f"expected a .png file name, got {path!r}")
+    img.save(path)
+
+
+def _quiet():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+        dl.set_verbosity_error()
+        dl.disable_progress_bar()
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+    except Exception:   # logging tweaks only
+        pass
+
+
+def main(argv=None) -> int:
+    from .errors import InputError
+
+    a = build_parser().parse_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    if a.command != "info" and a.size is not None and a.size <= 0:
+        log("error: size: expected a positive number of pixels")
+        return 2
+    if a.command != "info" and a.out and not a.out.lower().endswith(".png"):
+        log(f"error: out: expected a .png file name, got {a.out!r}")
+        return 2
+    if a.command != "info" and a.image and not os.path.isfile(a.image):
+        log(f"error: image: {a.image!r} does not exist")
+        return 2
+    _quiet()
+    try:
+        {"edit": cmd_edit, "maps": cmd_maps, "info": cmd_info}[a.command](a, log)
+    except (InputError, _Bad) as e:
+        log(f"error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

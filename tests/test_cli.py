@@ -1,0 +1,103 @@
+"""Command line, end to end on tiny models (CPU, offline): PNG sizes, panels, errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from customedit_core.cli import main
+from ldm_layout import tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--steps", "4", "--inner-steps", "2"]
+
+
+def run(args, capsys):
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_edit_on_the_drawn_scene_with_the_tiny_default(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    rc, err = run(["edit", "--size", "64", *FAST, "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert Image.open(out).size == (3 * 64, 64)            # source | reconstruction | edit
+    assert "untrained" in err and "drawn scene" in err
+
+
+def test_edit_of_an_image_resizes_it_and_shows_the_mask(tmp_path, capsys):
+    src = tmp_path / "in.png"
+    Image.new("RGB", (70, 45), (200, 30, 30)).save(src)
+    out = tmp_path / "out.png"
+    rc, err = run(["edit", "--image", str(src), "--size", "64", *FAST, "--method", "negative_prompt",
+                   "--source", "a red circle on grass", "--target", "a red circle on sand",
+                   "--target", "a blue circle on grass", "--mode", "replace",
+                   "--blend-words", "circle", "--blend-both", "--reweight", "circle:2", "--show-mask",
+                   "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "resized from 70x45 to 64x32" in err and "multiples of 32 px" in err
+    # source | reconstruction | edit 1 | edit 2 | mask 1 | mask 2
+    assert Image.open(out).size == (6 * 64, 32)
+
+
+def test_maps_grid(tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    rc, err = run(["maps", "--size", "32", *FAST, "--method", "direct", "--out", str(out)], capsys)
+    assert rc == 0, err
+    # the image, then one map per word of "a red circle on green grass"
+    assert Image.open(out).size == (7 * 32, 32)
+    out2 = tmp_path / "maps2.png"
+    rc, err = run(["maps", "--size", "32", *FAST, "--method", "ddim", "--target", "a red circle on yellow grass",
+                   "--columns", "4", "--out", str(out2)], capsys)
+    assert rc == 0, err
+    assert Image.open(out2).size == (4 * 32, 2 * 32)
+
+
+def test_single_file_checkpoint_through_the_cli(tmp_path, capsys):
+    path, _ = tiny_checkpoint(str(tmp_path), "sd1")
+    out = tmp_path / "out.png"
+    rc, err = run(["edit", "--model", path, "--size", "16", *FAST, "--method", "direct",
+                   "--source", "a red circle on green grass", "--target", "a red circle on green sand",
+                   "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert Image.open(out).size == (3 * 16, 16)
+    rc = main(["info", "--model", path])
+    info = capsys.readouterr().out
+    assert rc == 0 and "family: sd1" in info and "pixel multiple: 4" in info
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png", "--source", "a cat", "--target", "a dog"], "image: 'missing.png' does not exist"),
+    (["--mode", "replace", "--target", "a red circle on very green grass"], "same number of words"),
+    (["--reweight", "red=2"], "reweight: expected WORD:WEIGHT"),
+    (["--blend-words", "teapot"], "'teapot' does not occur"),
+    (["--blend-both"], "blend_both: needs --blend-words"),
+    (["--method", "null_text", "--guidance", "1"], "guidance"),
+    (["--model", "model.ckpt"], "pickle"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, capsys, args, message):
+    if "model.ckpt" in args:
+        import torch
+        torch.save({}, tmp_path / "model.ckpt")
+        args = ["--model", str(tmp_path / "model.ckpt")]
+    out = str(tmp_path / "out.png")
+    rc, err = run(["edit", "--size", "32", *FAST, *args, "--out", out], capsys)
+    assert rc == 2
+    assert message in err, err
+    assert not os.path.exists(out)
+
+
+def test_out_must_be_a_png(tmp_path, capsys):
+    rc, err = run(["edit", "--out", str(tmp_path / "x.jpg")], capsys)
+    assert rc == 2 and "out: expected a .png" in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    out = tmp_path / "o.png"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "customedit_core", "edit", "--size", "32", "--steps", "3",
+                        "--method", "direct", "--out", str(out)], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (96, 32)
