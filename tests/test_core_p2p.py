@@ -180,3 +180,18 @@ def test_prompt_at_the_token_limit_with_punctuation(backend, z0):
     assert (same.edited - same.source).abs().max() < 1e-5
     with pytest.raises(InputError, match="at most 75"):
         p2p_edit(backend, inv, src + " more")
+
+
+def test_backends_sharing_a_unet_all_see_their_hooks(tiny, backend, z0):
+    from customedit_core.backends.diffusers import DiffusersBackend
+    from customedit_core.tokens import tokenize
+    other = DiffusersBackend(*tiny)
+    ctx = backend.encode([tokenize(backend.tokenizer, SRC)])
+    for b in (backend, other):
+        store = AttentionStore()
+        b.predict_eps(z0, 500, ctx, AttentionHook([store]))
+        assert store.sums, "the hook was not called"
+    other.close()
+    store = AttentionStore()
+    backend.predict_eps(z0, 500, ctx, AttentionHook([store]))
+    assert store.sums

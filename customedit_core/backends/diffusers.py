@@ -35,8 +35,16 @@ class HFTokenizer:
         return list(self.tok(text, add_special_tokens=False).input_ids)
 
 
+class _HookState:
+    """Per-UNet: the hook of the current call. Shared by every backend made on that UNet, so
+    a second backend on the same model does not silently disconnect the first one."""
+
+    def __init__(self, saved):
+        self.hook, self.latent_hw, self.saved, self.users = None, (0, 0), saved, 0
+
+
 class _HookProcessor:
-    def __init__(self, owner: "DiffusersBackend", name: str):
+    def __init__(self, owner: _HookState, name: str):
         self.owner, self.name = owner, name
         self.kind = "cross" if name.endswith("attn2") else "self"
         self.place = "down" if name.startswith("down") else ("mid" if name.startswith("mid") else "up")
@@ -48,11 +56,11 @@ class _HookProcessor:
         q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
         d = q.shape[-1] // H
         q, k, v = (x.view(B, -1, H, d).transpose(1, 2) for x in (q, k, v))
-        hook = self.owner._hook
+        hook = self.owner.hook
         if hook is None:
             o = F.scaled_dot_product_attention(q, k, v)
         else:
-            lh, lw = self.owner._latent_hw
+            lh, lw = self.owner.latent_hw
             s = max(1, round(math.sqrt(lh * lw / N)))
             site = Site(self.name, self.kind, self.place, -(-lh // s), -(-lw // s), H, lh, lw)
             o = hook(q, k, v, site)
@@ -81,14 +89,23 @@ class DiffusersBackend(Backend):
         self.dtype = dtype
         self.latent_channels = unet.config.in_channels
         self.latent_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
-        self._hook = None
-        self._latent_hw = (0, 0)
-        self._saved = unet.attn_processors
-        unet.set_attn_processor({n: _HookProcessor(self, n.rsplit(".", 1)[0]) for n in self._saved})
+        state = getattr(unet, "_customedit_hooks", None)
+        if state is None:
+            state = _HookState(unet.attn_processors)
+            unet.set_attn_processor({n: _HookProcessor(state, n.rsplit(".", 1)[0]) for n in state.saved})
+            unet._customedit_hooks = state
+        state.users += 1
+        self._state = state
 
     def close(self):
-        """Put the stock attention processors back."""
-        self.unet.set_attn_processor(self._saved)
+        """Put the stock attention processors back once the last backend on this UNet closes."""
+        state, self._state = self._state, None
+        if state is None:
+            return
+        state.users -= 1
+        if state.users == 0:
+            self.unet.set_attn_processor(state.saved)
+            del self.unet._customedit_hooks
 
     def fingerprint(self) -> str:
         h = hashlib.sha1()
@@ -107,12 +124,13 @@ class DiffusersBackend(Backend):
             return self.text_encoder(ids)[0].float()
 
     def predict_eps(self, z, t, context, hook=None):
-        self._hook, self._latent_hw = hook, (z.shape[2], z.shape[3])
+        state = self._state
+        state.hook, state.latent_hw = hook, (z.shape[2], z.shape[3])
         try:
             tt = torch.full((z.shape[0],), int(t), device=self.device, dtype=torch.long)
             out = self.unet(z.to(self.dtype), tt, encoder_hidden_states=context.to(self.dtype)).sample.float()
         finally:
-            self._hook = None
+            state.hook = None
         if self.prediction_type == "v_prediction":
             a = float(self.alphas_cumprod[int(t)])
             out = a ** 0.5 * out + (1 - a) ** 0.5 * z.float()
