@@ -196,34 +196,54 @@ def test_v_prediction_is_converted_to_eps(comfy, models):
     assert torch.allclose(eps_v, a ** 0.5 * out + (1 - a) ** 0.5 * z, atol=1e-4, rtol=1e-4)
 
 
+def test_tokens_reach_the_text_encoder_in_comfys_format(comfy, models):
+    """encode() hands CLIP one [(id, 1.0)] list of 77 per prompt, under the tokenizer's key ('l' here)."""
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    tokens = S.pack_module(comfy, "customedit_core.tokens")
+    model, clip, _ = models
+    seen = []
+
+    class Recording:                      # the real CLIP, recording what it is given
+        def __getattr__(self, name):
+            return getattr(clip, name)
+
+        def encode_from_tokens(self, toks):
+            seen.append(toks)
+            return clip.encode_from_tokens(toks)
+
+    with torch.inference_mode():
+        b = cb.ComfyBackend(model, Recording())
+        p = tokens.tokenize(b.tokenizer, "a photo of a teapot")
+        out = b.encode([p, p])
+        ref = clip.encode_from_tokens(clip.tokenize("a photo of a teapot"))
+    assert out.shape == (2, 77, 768) and out.dtype == torch.float32
+    assert torch.equal(out[:1], ref.float())          # the same as ComfyUI's own prompt encoding
+    assert len(seen) == 2 and list(seen[0]) == ["l"] and len(seen[0]["l"]) == 1
+    assert [i for i, _ in seen[0]["l"][0]] == list(p.ids) and all(w == 1.0 for _, w in seen[0]["l"][0])
+
+
 def test_sd2_tokenizer_convention(comfy, models):
-    """SD2's OpenCLIP tokenizer pads with 0 and its CLIP takes tokens under key 'h'."""
+    """SD2's OpenCLIP tokenizer pads with 0 and is keyed 'h'; a CLIP of the wrong width is refused."""
     from comfy.text_encoders.sd2_clip import SD2Tokenizer
 
     cb = S.pack_module(comfy, "customedit_core.backends.comfy")
     tokens = S.pack_module(comfy, "customedit_core.tokens")
-    seen = []
+    sd2 = SD2Tokenizer()
+    assert (sd2.clip_name, sd2.clip) == ("h", "clip_h")
+    tok = cb.ComfyTokenizer(sd2.clip_h)
+    assert (tok.bos, tok.eos, tok.pad, tok.max_length) == (49406, 49407, 0, 77)
+    p = tokens.tokenize(tok, "a photo of a teapot")
+    assert list(p.ids) == [t[0] for t in sd2.tokenize_with_weights("a photo of a teapot")["h"][0]]
+    assert set(p.ids[p.length:]) == {0}
 
-    class SD2Clip:                        # the encoder is not under test: record what it is given
-        tokenizer = SD2Tokenizer()
-        layer_idx = None
-        patcher = models[1].patcher
-        cond_stage_model = models[1].cond_stage_model
+    class SD2Clip:
+        tokenizer = sd2
 
         def encode_from_tokens(self, toks):
-            seen.append(toks)
-            return torch.zeros(1, 77, 1024)
+            raise AssertionError("not reached")
 
-    b = cb.ComfyBackend(models[0], SD2Clip())
-    assert (b.tokenizer.bos, b.tokenizer.eos, b.tokenizer.pad) == (49406, 49407, 0)
-    p = tokens.tokenize(b.tokenizer, "a photo of a teapot")
-    assert b.encode([p, p]).shape == (2, 77, 1024)
-    assert list(seen[0]) == ["h"] and len(seen[0]["h"]) == 1 and len(seen[0]["h"][0]) == 77
-    ids = [i for i, w in seen[0]["h"][0]]
-    assert ids[0] == 49406 and ids[p.length - 1] == 49407 and set(ids[p.length:]) == {0}
-    assert all(w == 1.0 for _, w in seen[0]["h"][0])
-    ref = SD2Clip.tokenizer.tokenize_with_weights("a photo of a teapot")["h"][0]
-    assert ids == [t[0] for t in ref]                 # same ids as ComfyUI's own tokenizer
+    msg = expect_input_error("clip", cb.ComfyBackend, models[0], SD2Clip())
+    assert "1024" in msg and "768" in msg
 
 
 def test_grad_flows_to_the_context_under_inference_mode(comfy, models):

@@ -49,7 +49,7 @@ def core_context():
 
 
 def _fresh(t):
-    # Weight wrapper for the autograd clone: a tensor autograd may save for backward.
+    # Weight wrapper while autograd is wanted: a tensor autograd may save for backward.
     return t.clone() if t.is_inference() else t
 
 
@@ -96,6 +96,11 @@ def _check_supported(model, clip):
     name = getattr(tok, "clip", None)
     if clip is None or name is None or not hasattr(tok, name) or not hasattr(clip, "encode_from_tokens"):
         raise InputError("clip", f"expected the CLIP of an SD1.x/SD2.x checkpoint (one CLIP text encoder); {SUPPORTED}")
+    width = getattr(getattr(tok, name), "embedding_size", None)
+    context = config.unet_config.get("context_dim")
+    if width is not None and context is not None and int(width) != int(context):
+        raise InputError("clip", f"gives {width}-wide text embeddings but the model takes {context}; use the CLIP "
+                                 "loaded with this checkpoint")
     return ms
 
 
@@ -229,7 +234,7 @@ class ComfyBackend(Backend):
             h = hashlib.sha1()
             inner = self.source_model.model
             h.update(f"{type(inner).__name__}/{type(inner.model_config).__name__}".encode())
-            h.update(type(self._model_sampling).__name__.encode())
+            h.update("/".join(c.__name__ for c in type(self._model_sampling).__mro__).encode())
             _digest(h, self._model_sampling.sigmas)
             dm = self.source_model.get_model_object("diffusion_model")
             _digest_weights(h, self.source_model, dm, "diffusion_model.")
