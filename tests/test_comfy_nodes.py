@@ -423,6 +423,32 @@ def _first(entry, slot=0):
     return value[0] if isinstance(value, list) else value
 
 
+def test_cancel_stops_null_text_within_one_optimisation_step(comfy, models, latent):
+    import comfy.model_management as mm
+    from comfy import utils as cutils
+
+    model, clip, _ = models
+    steps, inner = 6, 5
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append((value, total))
+        if total == steps * inner and value == 3:
+            mm.interrupt_current_processing(True)          # what the Cancel button does
+
+    old = cutils.PROGRESS_BAR_HOOK
+    cutils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(comfy, "CustomEditNullTextInvert", model=model, clip=clip, latent=latent, source_prompt=SOURCE,
+                steps=steps, guidance=7.5, method="null_text", inner_steps=inner)
+    finally:
+        cutils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    optimisation = [v for v, total in seen if total == steps * inner]
+    assert optimisation[-1] == 3                           # no optimisation step ran after the request
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 def test_refuses_unsupported_models(comfy, models, latent):
