@@ -228,6 +228,7 @@ def cmd_edit(a, log):
 
     from . import api
 
+    _check_out(a.out)
     settings = _settings(a)
     pipe = _load(a, log)
     image, source = _image_and_prompts(a, pipe, log)
@@ -263,6 +264,7 @@ def cmd_edit(a, log):
 def cmd_maps(a, log):
     from PIL import Image
 
+    _check_out(a.out)
     settings = _settings(a) if a.target else None
     if a.target and len(a.target) > 1:
         raise _Bad("target", "maps are drawn for one target prompt; give --target once")
@@ -298,13 +300,27 @@ def cmd_info(a, log):
     pipe.close()
 
 
-def _save(img, path):
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise _Bad("out", f"the folder {d!r} does not exist")
+def _check_out(path):
+    """Before any work: a .png name whose folder exists or can be made."""
     if not path.lower().endswith(".png"):
         raise _Bad("out", f"expected a .png file name, got {path!r}")
-    img.save(path)
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise _Bad("out", f"cannot create the folder {d!r}: {e.strerror}")
+
+
+def _save(img, path):
+    """Atomic: a finished PNG or nothing (write beside it, then rename)."""
+    _check_out(path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _quiet():

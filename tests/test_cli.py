@@ -20,9 +20,9 @@ def run(args, capsys):
 
 def test_edit_on_the_drawn_scene_with_the_tiny_default(tmp_path, capsys):
     out = tmp_path / "out.png"
-    rc, err = run(["edit", "--size", "64", *FAST, "--out", str(out)], capsys)
+    rc, err = run(["edit", "--size", "32", *FAST, "--out", str(out)], capsys)
     assert rc == 0, err
-    assert Image.open(out).size == (3 * 64, 64)            # source | reconstruction | edit
+    assert Image.open(out).size == (3 * 32, 32)            # source | reconstruction | edit
     assert "untrained" in err and "drawn scene" in err
 
 
@@ -101,3 +101,10 @@ def test_python_dash_m_entry_point(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (96, 32)
+
+
+def test_out_folder_is_made_before_any_work(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "o.png"
+    rc, err = run(["edit", "--size", "32", *FAST, "--method", "direct", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert out.exists() and not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
