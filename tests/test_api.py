@@ -102,7 +102,7 @@ def test_bad_model_paths_and_device(tmp_path):
 
 # --- diffusers folder ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny):
+def folder(tmp_path_factory):
     from customedit_core.tiny import tiny_models
     unet, te, tok, vae = tiny_models(seed=3, with_vae=True)
     path = save_diffusers_folder(str(tmp_path_factory.mktemp("diffusers")), unet, te, tok, vae)
