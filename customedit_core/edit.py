@@ -126,11 +126,9 @@ def p2p_edit(backend, inv: Inversion, target_prompts, settings: Optional[P2PSett
     P = 1 + len(targets)
     dev = backend.device
     cond = backend.encode([inv.tokens] + targets)
-    uncond = [u.to(dev).expand(P, -1, -1) for u in inv.uncond]
-    corr = [c.to(dev) for c in inv.corrections] if inv.corrections else None
     z = inv.noise.to(dev).expand(P, -1, -1, -1).clone()
     with backend.offload():
-        z = denoise(backend, schedule, z, cond, lambda i: uncond[i], inv.guidance, hook,
-                    corrections=corr, after_step=blend)
+        z = denoise(backend, schedule, z, cond, guidance=inv.guidance, hook=hook, after_step=blend,
+                    **inv.walk(dev, P))
     mask = blend.mask.cpu() if blend is not None and blend.mask is not None else None
     return EditResult(z[1:].cpu(), z[:1].cpu(), mask, store)

@@ -6,9 +6,11 @@
   the guided trajectory back onto the inverted one (Mokady et al.).
 - negative_prompt: the source prompt's embedding replaces the unconditional one; no
   optimisation (Miyake et al.).
-- direct: per step, the difference between the inverted latent and the guided DDIM step
-  of the source branch is stored and added back to the source branch only (Ju et al.);
-  source reconstruction is exact.
+- direct: the source branch is put back onto the inverted latent after every step (Ju et
+  al.); the edit branches are not corrected. The paper adds the stored difference between
+  the inverted latent and the source branch's guided step; setting the source row to the
+  inverted latent is the same thing without a second pass at inversion time (and without
+  float drift), so direct inversion costs one DDIM pass and reconstructs exactly.
 """
 from __future__ import annotations
 
@@ -36,7 +38,6 @@ class Inversion:
     latents: list            # latents[0] = source, latents[k] after k inverse steps; latents[-1] = z_T
     uncond: list             # per denoising step i: [1, L, D] unconditional embedding
     fingerprint: str
-    corrections: Optional[list] = None     # direct inversion: per denoising step, [1, C, h, w]
     reconstruction: Optional[torch.Tensor] = None
     inner_steps_used: list = field(default_factory=list)
 
@@ -56,8 +57,14 @@ class Inversion:
             raise InputError("steps", f"the inversion was made with {self.steps} steps but {steps} were "
                                       "asked for; use the same step count or invert again")
 
-    def uncond_at(self, rows: int):
-        return lambda i: self.uncond[i].expand(rows, -1, -1)
+    def walk(self, device, rows: int):
+        """What `denoise` needs to walk this record down with `rows` prompts: the per-step
+        unconditional embeddings and, for direct inversion, the path the source row follows."""
+        uncond = [u.to(device).expand(rows, -1, -1) for u in self.uncond]
+        path = None
+        if self.method == "direct":
+            path = [self.latents[self.steps - i - 1].to(device) for i in range(self.steps)]
+        return dict(uncond_at=lambda i: uncond[i], source_path=path)
 
 
 def check_latent(backend, z: torch.Tensor, input_name: str = "latent") -> torch.Tensor:
@@ -90,8 +97,13 @@ def ddim_trajectory(backend, z0, cond, schedule: Schedule):
 
 
 def invert(backend, latent: torch.Tensor, prompt: str, steps: int = 50, guidance: float = 7.5,
-           method: str = "null_text", inner_steps: int = 10, early_stop: float = 1e-5) -> Inversion:
-    """Invert one model-space latent [1, C, h, w] with its source prompt."""
+           method: str = "null_text", inner_steps: int = 10, early_stop: float = 1e-5,
+           with_reconstruction: bool = True) -> Inversion:
+    """Invert one model-space latent [1, C, h, w] with its source prompt.
+
+    with_reconstruction: also walk back down with the source prompt (one more DDIM pass for
+    ddim and negative_prompt; free for null_text and direct) and keep it in `reconstruction`.
+    """
     if method not in METHODS:
         raise InputError("method", f"unknown inversion method {method!r}; expected one of {METHODS}")
     z0 = check_latent(backend, latent, "latent").float().to(backend.device)
@@ -114,13 +126,13 @@ def invert(backend, latent: torch.Tensor, prompt: str, steps: int = 50, guidance
                         backend.fingerprint())
         if method == "null_text":
             _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop)
-        elif method == "negative_prompt":
-            inv.uncond = [cond] * steps
-            inv.reconstruction = reconstruct(backend, inv, schedule, cond)
         elif method == "direct":
-            _direct_corrections(backend, inv, schedule, cond)
+            inv.reconstruction = z0.detach().cpu()     # the source row follows the inverted path
         else:
-            inv.reconstruction = reconstruct(backend, inv, schedule, cond)
+            if method == "negative_prompt":
+                inv.uncond = [cond] * steps
+            if with_reconstruction:
+                inv.reconstruction = reconstruct(backend, inv, schedule, cond)
     inv.latents = [x.detach().cpu() for x in inv.latents]
     inv.uncond = [u.detach().cpu() for u in inv.uncond]
     return inv
@@ -132,10 +144,7 @@ def reconstruct(backend, inv: Inversion, schedule: Optional[Schedule] = None, co
     if cond is None:
         cond = backend.encode([inv.tokens])
     dev = backend.device
-    uncond = [u.to(dev) for u in inv.uncond]
-    corr = [c.to(dev) for c in inv.corrections] if inv.corrections else None
-    return denoise(backend, schedule, inv.noise.to(dev), cond, lambda i: uncond[i], inv.guidance,
-                   corrections=corr)
+    return denoise(backend, schedule, inv.noise.to(dev), cond, guidance=inv.guidance, **inv.walk(dev, 1))
 
 
 def _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop):
@@ -172,19 +181,3 @@ def _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_s
             z = schedule.step(z, guided_eps(backend, z, t, cond, uncond, inv.guidance), t)
     inv.uncond = out
     inv.reconstruction = z.detach().cpu()
-
-
-def _direct_corrections(backend, inv, schedule, cond):
-    steps = schedule.steps
-    corrections = []
-    tick = backend.progress(steps)
-    with torch.no_grad():
-        for i, t in enumerate(schedule.timesteps):
-            backend.check_interrupt()
-            z = inv.latents[steps - i]
-            pred = schedule.step(z, guided_eps(backend, z, t, cond, inv.uncond[i], inv.guidance), t)
-            corrections.append((inv.latents[steps - i - 1] - pred).detach().cpu())
-            tick(1)
-    inv.corrections = corrections
-    # By construction the corrected source branch lands on the inverted latents.
-    inv.reconstruction = inv.latents[0].detach().cpu()

@@ -21,11 +21,9 @@ def record_source_maps(backend, inv: Inversion) -> AttentionStore:
     schedule = Schedule(backend.alphas_cumprod, inv.steps)
     dev = backend.device
     cond = backend.encode([inv.tokens])
-    uncond = [u.to(dev) for u in inv.uncond]
-    corr = [c.to(dev) for c in inv.corrections] if inv.corrections else None
     with backend.offload():
-        denoise(backend, schedule, inv.noise.to(dev), cond, lambda i: uncond[i], inv.guidance,
-                AttentionHook([store]), corrections=corr)
+        denoise(backend, schedule, inv.noise.to(dev), cond, guidance=inv.guidance,
+                hook=AttentionHook([store]), **inv.walk(dev, 1))
     return store
 
 

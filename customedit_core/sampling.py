@@ -26,12 +26,12 @@ def guided_eps(backend, z, t, cond, uncond, guidance, hook=None, step=0, steps=1
 def denoise(backend, schedule: Schedule, z: torch.Tensor, cond: torch.Tensor,
             uncond_at: Callable[[int], torch.Tensor], guidance: float,
             hook: Optional[AttentionHook] = None,
-            corrections: Optional[Sequence[torch.Tensor]] = None,
+            source_path: Optional[Sequence[torch.Tensor]] = None,
             after_step: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
             first_step: int = 0) -> torch.Tensor:
     """Walk z down from timesteps[first_step] to the clean latent.
 
-    corrections[i] is added to row 0 (the source branch) after step i: direct inversion.
+    source_path[i] replaces row 0 (the source branch) after step i: direct inversion.
     after_step(i, z) may rewrite the latents (local blend).
     """
     tick = backend.progress(schedule.steps - first_step)
@@ -41,9 +41,9 @@ def denoise(backend, schedule: Schedule, z: torch.Tensor, cond: torch.Tensor,
             t = schedule.timesteps[i]
             eps = guided_eps(backend, z, t, cond, uncond_at(i), guidance, hook, i, schedule.steps)
             z = schedule.step(z, eps, t)
-            if corrections is not None:
+            if source_path is not None:
                 z = z.clone()
-                z[:1] += corrections[i].to(z)
+                z[:1] = source_path[i].to(z)
             if hook is not None:
                 hook.end_step()
             if after_step is not None:

@@ -97,3 +97,19 @@ def test_inversion_refuses_other_model_or_steps(tiny, ddim1):
         ddim1.check(other)
     with pytest.raises(InputError, match="10 steps but 20"):
         ddim1.check(DiffusersBackend(*tiny), steps=20)
+
+
+@pytest.mark.parametrize("method,with_rec,calls", [("direct", True, 6), ("ddim", False, 6), ("ddim", True, 12),
+                                                   ("negative_prompt", True, 12)])
+def test_model_calls_per_inversion(backend, z0, monkeypatch, method, with_rec, calls):
+    """direct inversion is one DDIM pass; the reconstruction pass is the only extra for ddim/NPI."""
+    n = {"calls": 0}
+    real = backend.predict_eps
+
+    def counting(*a, **k):
+        n["calls"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(backend, "predict_eps", counting)
+    inv = invert(backend, z0, PROMPT, steps=6, guidance=7.5, method=method, with_reconstruction=with_rec)
+    assert n["calls"] == calls
+    assert (inv.reconstruction is not None) == with_rec
