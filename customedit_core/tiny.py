@@ -12,6 +12,8 @@ import tempfile
 
 import torch
 
+from .clip_vocab import byte_symbols
+
 WORDS = (
     "a an the of on in with and photo picture painting drawing image sitting standing "
     "cat dog tiger lion bird horse car bus tree house red blue green yellow black white "
@@ -21,21 +23,9 @@ WORDS = (
 ).split()
 
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder: str, words=WORDS) -> str:
     """Write vocab.json/merges.txt for a CLIP BPE whose merges spell out `words`."""
-    chars = _bytes_to_unicode()
+    chars = byte_symbols()
     vocab = chars + [c + "</w>" for c in chars]
     merges = []
     for entry in words:
