@@ -255,8 +255,8 @@ def inspect_checkpoint(path: str, requested_prediction: Optional[str] = None,
     return Checkpoint(path, family, uc, tc, vc, pt, note, sd, metadata)
 
 
-def _load_into(module, state: dict, part: str, input_name: str, ignore=()):
-    own = module.state_dict()
+def _check_fit(own: dict, state: dict, part: str, input_name: str, ignore=()):
+    """The converted weights must match the module built from the inferred config, key for key."""
     missing = [k for k in own if k not in state and not any(k.endswith(s) for s in ignore)]
     unexpected = [k for k in state if k not in own]
     bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -264,6 +264,10 @@ def _load_into(module, state: dict, part: str, input_name: str, ignore=()):
         raise InputError(input_name, f"the checkpoint's {part} does not fit the layout inferred from it "
                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}); "
                                      f"{SUPPORTED}")
+
+
+def _load_into(module, state: dict, part: str, input_name: str, ignore=()):
+    _check_fit(module.state_dict(), state, part, input_name, ignore)
     module.load_state_dict({k: v for k, v in state.items()}, strict=False)
     return module
 
@@ -275,14 +279,7 @@ def build_unet(ck: Checkpoint, input_name: str = "model"):
     state = convert_ldm_unet_checkpoint(ck.state_dict, dict(ck.unet_config))
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ck.unet_config)
-    own = unet.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
-        raise InputError(input_name, f"the checkpoint's UNet does not fit the layout inferred from it "
-                                     f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}); "
-                                     f"{SUPPORTED}")
+    _check_fit(unet.state_dict(), state, "UNet", input_name)
     unet.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in list(unet.parameters()) + list(unet.buffers())):   # a buffer not in the file
         unet = UNet2DConditionModel(**ck.unet_config)
