@@ -4,22 +4,10 @@ errors. Needs COMFYUI_DIR (a ComfyUI checkout) and ComfyUI's dependencies; skips
 
   COMFYUI_DIR=/tmp/comfyui OMP_NUM_THREADS=2 /tmp/comfy-venv/bin/python -m pytest tests/test_comfy_nodes.py
 """
-import importlib.util
-import sys
 from pathlib import Path
 
+import comfy_support as S
 
-def _support():
-    name = "customedit_comfy_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("comfy_support.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-S = _support()
 S.skip_unless_comfy()
 
 import copy  # noqa: E402
