@@ -9,7 +9,7 @@ we check that instead of trusting it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import regex
 
@@ -89,6 +89,3 @@ def tokenize(tok: Tokenizer, text: str, input_name: str = "prompt", allow_empty:
     full += [tok.pad] * (tok.max_length - length)
     return PromptTokens(text, tuple(words), tuple(full), tuple(spans), length)
 
-
-def tokenize_all(tok: Tokenizer, texts: Sequence[str], names: Sequence[str]) -> list[PromptTokens]:
-    return [tokenize(tok, t, n) for t, n in zip(texts, names)]
