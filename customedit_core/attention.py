@@ -59,6 +59,10 @@ class Controller:
     def needs_probs(self, site: Site) -> bool:
         return False
 
+    def kv(self, k: torch.Tensor, v: torch.Tensor, site: Site):
+        """Called before attention at every site; may return new keys/values (e.g. extra tokens)."""
+        return k, v
+
     def probs(self, p: torch.Tensor, site: Site) -> torch.Tensor:
         """Called only where needs_probs(site) is true. p: [B, heads, N, M], may be edited in place."""
         return p
@@ -91,6 +95,8 @@ class AttentionHook:
 
     def __call__(self, q, k, v, site: Site):
         site = replace(site, step=self.step, steps=self.steps, layout=self.layout)
+        for c in self.controllers:
+            k, v = c.kv(k, v, site)
         active = [c for c in self.controllers if c.needs_probs(site)]
         if active:
             p = attention_probs(q, k)
