@@ -7,6 +7,7 @@ rules of ../shared/comfyui-cpu/README.md, and skips the calling test when it can
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 WORKFLOWS = PACK_DIR / "workflows"
-NODE_IDS = ("CustomEditNullTextInvert", "CustomEditP2PEdit", "CustomEditAttentionMaps")
+# every node id the pack's schemas declare (a new node module needs no edit here)
+NODE_IDS = tuple(sorted({m for f in (Path(__file__).resolve().parents[1] / "nodes").glob("*.py")
+                         for m in re.findall(r'node_id="(CustomEdit\w+)"', f.read_text())}))
 CKPT_NAME = "customedit_tiny_sd15.safetensors"
 IMAGE_NAME = "customedit_test.png"
 IMAGE_SIZE = 64

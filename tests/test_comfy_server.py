@@ -140,12 +140,12 @@ def test_server_lists_the_nodes(server):
 
 def test_server_offers_the_ui_workflows_as_templates(server):
     templates = server.get("/workflow_templates")
-    assert sorted(templates["customedit"]) == ["attention_maps", "p2p_edit", "sdedit"]
+    assert sorted(templates["customedit"]) == sorted(p.name[: -len(".json")] for p in S.WORKFLOWS.glob("*.json"))
     served = server.get("/api/workflow_templates/customedit/p2p_edit.json")
     assert served == json.loads((S.WORKFLOWS / "p2p_edit.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["p2p_edit", "attention_maps", "sdedit"])
+@pytest.mark.parametrize("name", sorted(p.name[: -len(".api.json")] for p in (S.WORKFLOWS / "api").glob("*.api.json")))
 def test_workflow_runs_and_writes_images(server, name):
     prompt = patched(name, server)
     entry = server.run(prompt)
