@@ -67,6 +67,10 @@ class Controller:
         """Called only where needs_probs(site) is true. p: [B, heads, N, M], may be edited in place."""
         return p
 
+    def attend(self, q: torch.Tensor, o: torch.Tensor, site: Site) -> torch.Tensor:
+        """Called after attention with the queries; may mix in attention over other keys (SpecRef)."""
+        return o
+
     def out(self, o: torch.Tensor, site: Site) -> torch.Tensor:
         return o
 
@@ -106,5 +110,5 @@ class AttentionHook:
         else:
             o = F.scaled_dot_product_attention(q, k, v)
         for c in self.controllers:
-            o = c.out(o, site)
+            o = c.out(c.attend(q, o, site), site)
         return o

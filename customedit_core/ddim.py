@@ -46,6 +46,11 @@ class Schedule:
         """Inverse: z_{t-stride} -> z_t, eps evaluated at the destination timestep t."""
         return _move(z, eps, self.alpha(self.prev(t)), self.alpha(t))
 
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """Forward diffusion q(z_t | z_0) at any training timestep t (DiffEdit's mask estimate)."""
+        a = self.alpha(t)
+        return a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
+
 
 def _move(z, eps, a_from: float, a_to: float):
     x0 = (z - (1 - a_from) ** 0.5 * eps) / a_from ** 0.5

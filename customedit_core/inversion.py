@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .attention import AttentionHook, Layout
 from .ddim import Schedule
 from .errors import InputError, require_finite
 from .sampling import denoise, guided_eps
@@ -82,15 +83,26 @@ def check_latent(backend, z: torch.Tensor, input_name: str = "latent") -> torch.
     return require_finite(input_name, z)
 
 
-def ddim_trajectory(backend, z0, cond, schedule: Schedule):
-    """Inverse DDIM at guidance 1: [z0, z_t0, ..., z_T] (eps at the destination timestep)."""
+def ddim_trajectory(backend, z0, cond, schedule: Schedule, count: Optional[int] = None,
+                    hook: Optional[AttentionHook] = None):
+    """Inverse DDIM at guidance 1: [z0, z_t0, ..., z_T] (eps at the destination timestep).
+
+    count: stop after that many inverse steps (DiffEdit's encoding ratio). hook: attention hook
+    of every call; its step is the *denoising* index of the timestep (steps - 1 - k for the k-th
+    inverse step), so what it records lines up with the walk back down (SpecRef's K/V bank).
+    """
+    count = schedule.steps if count is None else count
     latents = [z0]
     z = z0
-    tick = backend.progress(schedule.steps)
+    tick = backend.progress(count)
     with torch.no_grad():
-        for t in reversed(schedule.timesteps):
+        for k, t in enumerate(reversed(schedule.timesteps[schedule.steps - count:])):
             backend.check_interrupt()
-            z = schedule.invert_step(z, backend.predict_eps(z, t, cond), t)
+            if hook is not None:
+                hook.begin(schedule.steps - 1 - k, schedule.steps, Layout(z.shape[0], cfg=False))
+            z = schedule.invert_step(z, backend.predict_eps(z, t, cond, hook), t)
+            if hook is not None:
+                hook.end_step()
             latents.append(z)
             tick(1)
     return latents
