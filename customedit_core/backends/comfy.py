@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from ..attention import Site
 from ..errors import InputError
-from ..tokens import PromptTokens
-from .base import Backend
+from ..tokens import AddedWords, PromptTokens
+from .base import Backend, input_vectors, wants_grad
 
 HOOK_KEY = "customedit_hook"
+WORDS_KEY = "customedit_words"      # on a CLIP's SDTokenizer: concept word -> input vector (LoadConcept)
 SUPPORTED = "supported: SD1.x and SD2.x checkpoints (e.g. v1-5, v2-1), eps or v prediction"
 _BLOCK = re.compile(r"^(input|middle|output)_blocks?(?:\.(\d+))?\.\d+\.transformer_blocks\.(\d+)$")
 _PLACE = {"input": "down", "middle": "mid", "output": "up"}
@@ -48,17 +49,27 @@ def core_context():
         yield
 
 
+def _identity(t):
+    return t
+
+
 def _fresh(t):
     # Weight wrapper while autograd is wanted: a tensor autograd may save for backward.
     return t.clone() if t.is_inference() else t
 
 
-class ComfyTokenizer:
-    """Adapts ComfyUI's SDTokenizer (clip.tokenizer.clip_l / clip_h) to the core's Tokenizer."""
+class ComfyTokenizer(AddedWords):
+    """Adapts ComfyUI's SDTokenizer (clip.tokenizer.clip_l / clip_h) to the core's Tokenizer.
+    Concept words a LoadConcept node put on that tokenizer become added words here."""
 
     def __init__(self, sd_tokenizer):
         self.sd = sd_tokenizer
         self.tok = sd_tokenizer.tokenizer
+        self._init_added(len(self.tok))
+        for word, vector in getattr(sd_tokenizer, WORDS_KEY, {}).items():
+            i = self._next_id
+            self._next_id += 1
+            self.added[word], self.vectors[i] = i, vector
         self.bos = int(sd_tokenizer.start_token)
         self.eos = int(sd_tokenizer.end_token)
         self.pad = int(sd_tokenizer.pad_token)      # SD1: the end token; SD2: 0
@@ -185,6 +196,10 @@ class ComfyBackend(Backend):
         self._session = 0
         self._loaded = False
         self._grad = 0
+        self._deltas = None             # live K/V deltas (training): weight wrappers read them
+        self._kv_wrapped = False
+        self._text_clip = None          # CLIP clone with autograd weight wrappers (training)
+        self._checkpointing = False
 
     # ---- attention -------------------------------------------------------------------------
 
@@ -243,16 +258,103 @@ class ComfyBackend(Backend):
             _digest_weights(h, cp, self.clip.cond_stage_model, "")
             _digest_patches(h, cp)
             h.update(repr(getattr(self.clip, "layer_idx", None)).encode())
+            for word, i in sorted(self.tokenizer.added.items()):
+                h.update(word.encode())
+                _digest(h, self.tokenizer.vectors[i])
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
-    def encode(self, prompts: Sequence[PromptTokens]) -> torch.Tensor:
+    def encode(self, prompts: Sequence[PromptTokens], overrides=None) -> torch.Tensor:
+        vectors = input_vectors(self.tokenizer, prompts, overrides)
+        grad = wants_grad(vectors)
+        clip = self._autograd_clip() if grad else self.clip
         out = []
-        for p in prompts:
-            tokens = {self._clip_key: [[(int(i), 1.0) for i in p.ids]]}
-            cond = self.clip.encode_from_tokens(tokens)
-            out.append(cond.float())
+        # ComfyUI's text encoder adds residuals in place, which autograd refuses when the summand was
+        # saved for backward; saving copies (only while a gradient is wanted) makes it differentiable.
+        saved = torch.autograd.graph.saved_tensors_hooks(torch.clone, _identity) if grad else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), saved:
+            for p, d in zip(prompts, vectors):
+                # ComfyUI puts a tensor entry's vector at that position (its `embedding:` mechanism)
+                row = [((d[pos].float() if pos in d else int(i)), 1.0) for pos, i in enumerate(p.ids)]
+                cond = clip.encode_from_tokens({self._clip_key: [row]})
+                out.append(cond.float())
         return torch.cat(out).to(self.device)
+
+    def kv_weights(self) -> dict:
+        dm = self.source_model.get_model_object("diffusion_model")
+        out = {}
+        for name in self._kv_names():
+            attn = dm.get_submodule(name)
+            out[f"{name}.to_k"], out[f"{name}.to_v"] = attn.to_k.weight.detach(), attn.to_v.weight.detach()
+        return out
+
+    def _kv_names(self):
+        return [f"{'middle_block.1' if part == 'middle' else f'{part}_blocks.{number}.1'}.transformer_blocks.{index}.attn2"
+                for part, number, index in self.blocks]
+
+    def set_kv_deltas(self, deltas) -> None:
+        if deltas:
+            unknown = sorted(set(deltas) - {f"{n}.{p}" for n in self._kv_names() for p in ("to_k", "to_v")})
+            if unknown:
+                raise InputError("concept", f"has weights for layers this model does not have ({unknown[0]}, ...)")
+        self._deltas = dict(deltas) if deltas else None
+        if deltas and not self._kv_wrapped:
+            # wrappers read self._deltas at call time: W + delta, the sum ComfyUI's "diff" patch forms
+            for name in self._kv_names():
+                for proj in ("to_k", "to_v"):
+                    key = f"{name}.{proj}"
+                    self.patcher.add_weight_wrapper(f"diffusion_model.{key}.weight", self._delta_wrapper(key))
+            self._kv_wrapped = True
+            self._loaded = False
+
+    def _delta_wrapper(self, key):
+        def add_delta(w):
+            d = (self._deltas or {}).get(key)
+            return w if d is None else w + d.to(w)
+        return add_delta
+
+    def token_embedding_table(self) -> torch.Tensor:
+        csm = self.clip.cond_stage_model
+        return getattr(csm, csm.clip).transformer.get_input_embeddings().weight.detach()
+
+    def text_grad_enabled(self):
+        self._autograd_clip()
+        return self._grad_context()
+
+    def _autograd_clip(self):
+        """A clone of the CLIP whose weights reach the ops as ordinary tensors (autograd to inputs)."""
+        if self._text_clip is None:
+            c = self.clip.clone()
+            for n, m in c.patcher.model.named_modules():
+                if not hasattr(m, "weight_function"):
+                    continue
+                if getattr(m, "weight", None) is not None:
+                    c.patcher.add_weight_wrapper(f"{n}.weight", _fresh)
+                if getattr(m, "bias", None) is not None:
+                    c.patcher.add_weight_wrapper(f"{n}.bias", _fresh)
+            self._text_clip = c
+        return self._text_clip
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self):
+        """Recompute each transformer block in backward (object patches on our clone only)."""
+        import torch.utils.checkpoint
+
+        if not self._checkpointing:
+            dm = self.patcher.get_model_object("diffusion_model")
+            for name, mod in dm.named_modules():
+                if _BLOCK.match(name):
+                    fwd = mod.forward
+
+                    def checkpointed(*args, _fwd=fwd, **kw):
+                        if not torch.is_grad_enabled():
+                            return _fwd(*args, **kw)
+                        return torch.utils.checkpoint.checkpoint(_fwd, *args, use_reentrant=False, **kw)
+
+                    self.patcher.add_object_patch(f"diffusion_model.{name}.forward", checkpointed)
+            self._checkpointing = True
+            self._loaded = False
+        yield
 
     def predict_eps(self, z, t, context, hook=None):
         grad = self._grad > 0 and torch.is_grad_enabled()
@@ -266,7 +368,8 @@ class ComfyBackend(Backend):
             z = z.clone() if z.is_inference() else z
             context = context.clone() if context.is_inference() else context
         B = z.shape[0]
-        sigma = self._model_sampling.sigma(torch.tensor([float(t)])).to(dev, torch.float32).expand(B)
+        tt = t.float().cpu() if isinstance(t, torch.Tensor) and t.ndim == 1 else torch.tensor([float(t)])
+        sigma = self._model_sampling.sigma(tt).to(dev, torch.float32).expand(B)
         s = sigma.view(B, 1, 1, 1)
         x = z * (s ** 2 + 1.0).sqrt()
         to = dict(patcher.model_options.get("transformer_options", {}))

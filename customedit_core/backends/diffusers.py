@@ -6,6 +6,7 @@ hook active they compute plain fused attention, so outputs match the stock proce
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Optional, Sequence
@@ -15,15 +16,17 @@ import torch.nn.functional as F
 
 from ..attention import Site
 from ..errors import InputError
-from ..tokens import PromptTokens
-from .base import Backend
+from ..tokens import AddedWords, PromptTokens
+from ..unet_names import diffusers_to_ldm
+from .base import Backend, input_vectors, wants_grad
 
 
-class HFTokenizer:
+class HFTokenizer(AddedWords):
     """Adapts a transformers CLIPTokenizer to the core's Tokenizer protocol."""
 
     def __init__(self, tok):
         self.tok = tok
+        self._init_added(len(tok))
         self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.max_length = int(min(tok.model_max_length, 77))
@@ -41,6 +44,7 @@ class _HookState:
 
     def __init__(self, saved):
         self.hook, self.latent_hw, self.saved, self.users = None, (0, 0), saved, 0
+        self.deltas = None         # {processor name: (delta_k, delta_v)} of the current call
 
 
 class _HookProcessor:
@@ -53,7 +57,13 @@ class _HookProcessor:
         B, N, _ = hidden_states.shape
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         H = attn.heads
-        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        delta = self.owner.deltas.get(self.name) if self.owner.deltas else None
+        q = attn.to_q(hidden_states)
+        if delta is None:
+            k, v = attn.to_k(ctx), attn.to_v(ctx)
+        else:      # W + delta, the same sum ComfyUI's "diff" patch forms, so loaded concepts match bit for bit
+            k = F.linear(ctx, attn.to_k.weight + delta[0].to(attn.to_k.weight), attn.to_k.bias)
+            v = F.linear(ctx, attn.to_v.weight + delta[1].to(attn.to_v.weight), attn.to_v.bias)
         d = q.shape[-1] // H
         q, k, v = (x.view(B, -1, H, d).transpose(1, 2) for x in (q, k, v))
         hook = self.owner.hook
@@ -96,6 +106,13 @@ class DiffusersBackend(Backend):
             unet._customedit_hooks = state
         state.users += 1
         self._state = state
+        self._deltas = None
+        lpb = unet.config.layers_per_block
+        self._kv = {}              # canonical attn2 name -> (processor name, attention module)
+        for proc in state.saved:
+            layer = proc.rsplit(".", 1)[0]
+            if layer.endswith("attn2"):
+                self._kv[diffusers_to_ldm(layer, lpb)] = (layer, unet.get_submodule(layer))
 
     def close(self):
         """Put the stock attention processors back once the last backend on this UNet closes."""
@@ -116,22 +133,98 @@ class DiffusersBackend(Backend):
                     h.update(f"{name}{tuple(p.shape)}".encode())
                     h.update(flat[:8].float().cpu().numpy().tobytes())
                     h.update(flat.float().sum().cpu().numpy().tobytes())
+            # a loaded concept changes the model: its deltas and token vectors count too
+            for name, (dk, dv) in sorted((self._deltas or {}).items()):
+                h.update(name.encode() + dk.float().sum().cpu().numpy().tobytes() + dv.float().sum().cpu().numpy().tobytes())
+            for word, i in sorted(self.tokenizer.added.items()):
+                h.update(word.encode() + self.tokenizer.vectors[i].detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def encode(self, prompts: Sequence[PromptTokens]) -> torch.Tensor:
-        ids = torch.tensor([p.ids for p in prompts], device=self.device)
-        with torch.no_grad():
-            return self.text_encoder(ids)[0].float()
+    def encode(self, prompts: Sequence[PromptTokens], overrides=None) -> torch.Tensor:
+        vectors = input_vectors(self.tokenizer, prompts, overrides)
+        vocab = self.tokenizer._first_added
+        ids = torch.tensor([[i if i < vocab else self.tokenizer.bos for i in p.ids] for p in prompts],
+                           device=self.device)
+        with torch.set_grad_enabled(wants_grad(vectors)):
+            if not any(vectors):
+                return self.text_encoder(ids)[0].float()
+            table = self.text_encoder.get_input_embeddings()
+            base = table(ids)
+            rows = []
+            for b, d in enumerate(vectors):
+                if d:
+                    pos = torch.tensor(list(d), device=self.device)
+                    vals = torch.stack([v.to(base.device, base.dtype) for v in d.values()])
+                    rows.append(base[b].index_put((pos,), vals))
+                else:
+                    rows.append(base[b])
+            embeds = torch.stack(rows)
+            # swap the lookup's output for ours: works for every CLIPTextModel version
+            handle = table.register_forward_hook(lambda module, args, output: embeds)
+            try:
+                return self.text_encoder(ids)[0].float()
+            finally:
+                handle.remove()
+
+    def kv_weights(self) -> dict:
+        out = {}
+        for name, (_, attn) in self._kv.items():
+            out[f"{name}.to_k"], out[f"{name}.to_v"] = attn.to_k.weight.detach(), attn.to_v.weight.detach()
+        return out
+
+    def set_kv_deltas(self, deltas) -> None:
+        if not deltas:
+            self._deltas = None
+            return
+        unknown = sorted(set(deltas) - set(self.kv_weights()))
+        if unknown:
+            raise InputError("concept", f"has weights for layers this model does not have ({unknown[0]}, ...)")
+        self._deltas = {proc: (deltas.get(f"{name}.to_k", torch.zeros((), device=self.device)),
+                               deltas.get(f"{name}.to_v", torch.zeros((), device=self.device)))
+                        for name, (proc, _) in self._kv.items()
+                        if f"{name}.to_k" in deltas or f"{name}.to_v" in deltas}
+
+    def token_embedding_table(self) -> torch.Tensor:
+        return self.text_encoder.get_input_embeddings().weight.detach()
+
+    @contextlib.contextmanager
+    def frozen(self):
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self):
+        was = getattr(self.unet, "is_gradient_checkpointing", False)
+        self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if not was:
+                self.unet.disable_gradient_checkpointing()
 
     def predict_eps(self, z, t, context, hook=None):
         state = self._state
-        state.hook, state.latent_hw = hook, (z.shape[2], z.shape[3])
+        state.hook, state.latent_hw, state.deltas = hook, (z.shape[2], z.shape[3]), self._deltas
         try:
-            tt = torch.full((z.shape[0],), int(t), device=self.device, dtype=torch.long)
+            tt = _timesteps(t, z.shape[0], self.device)
             out = self.unet(z.to(self.dtype), tt, encoder_hidden_states=context.to(self.dtype)).sample.float()
         finally:
-            state.hook = None
+            state.hook = state.deltas = None
         if self.prediction_type == "v_prediction":
-            a = float(self.alphas_cumprod[int(t)])
-            out = a ** 0.5 * out + (1 - a) ** 0.5 * z.float()
+            a = self.alphas_cumprod[tt.cpu()].float().view(-1, 1, 1, 1).to(out.device)
+            out = a.sqrt() * out + (1 - a).sqrt() * z.float()
         return out
+
+
+def _timesteps(t, batch: int, device) -> torch.Tensor:
+    """One integer timestep for the batch, or one per row (training)."""
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        return t.to(device=device, dtype=torch.long)
+    return torch.full((batch,), int(t), device=device, dtype=torch.long)
