@@ -1,0 +1,77 @@
+"""Concepts on ComfyUI objects: patched clones of MODEL and CLIP that stock nodes understand.
+
+MODEL: the K/V deltas become "diff" weight patches on a clone, exactly what LoraLoader makes of
+the exported LoRA file, so KSampler and our nodes see the same weights.
+CLIP: a clone whose tokenizer (a copy; clones share it otherwise) knows the concept words. A word
+in a prompt is rewritten to ComfyUI's own `embedding:` syntax with an internal name that resolves
+to the concept's vector, so CLIPTextEncode, prompt weights and our nodes all see the same vector.
+The registry lives on the tokenizer, so it survives CLIP clones made by other nodes.
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+from ..concept import Concept, check_base
+from ..errors import InputError
+from ..tokens import _added_pattern
+from .comfy import WORDS_KEY, ComfyBackend
+
+_NAME = "__customedit_{}__"
+
+
+def loaded_words(clip) -> dict:
+    tok = getattr(clip, "tokenizer", None)
+    inner = getattr(tok, getattr(tok, "clip", ""), None)
+    return dict(getattr(inner, WORDS_KEY, {}) or {})
+
+
+def apply_concept(model, clip, concept: Concept, strength: float = 1.0, input_name: str = "concept"):
+    """(model clone, clip clone, warnings); the inputs are not modified."""
+    backend = ComfyBackend(model, clip)
+    warnings = check_base(concept, backend, input_name)
+    taken = loaded_words(clip)
+    for word in concept.tokens:
+        if word in taken:
+            raise InputError(input_name, f"token {word!r} is already taken by a concept loaded on this CLIP; "
+                                         "load each concept once (retrain with another token to combine two of the same name)")
+    m = model.clone()
+    patches = {f"diffusion_model.{k}.weight": ("diff", (d,)) for k, d in concept.deltas.items()}
+    added = m.add_patches(patches, float(strength))
+    if len(added) != len(patches):
+        raise InputError(input_name, f"only {len(added)} of {len(patches)} K/V deltas fit this model's layers")
+    c = clip.clone()
+    tok = copy.copy(clip.tokenizer)
+    inner = copy.copy(getattr(tok, tok.clip))
+    words = dict(taken)
+    words.update({w: v.detach().float().cpu().clone() for w, v in zip(concept.tokens, concept.embeddings)})
+    setattr(inner, WORDS_KEY, words)
+    if inner.embedding_directory is None:        # ComfyUI only resolves `embedding:` with a directory set
+        inner.embedding_directory = []
+    # bound to this copy: a copied instance attribute would still call the original's
+    inner.tokenize_with_weights = types.MethodType(_tokenize_with_words, inner)
+    inner._try_get_embedding = types.MethodType(_try_get_word, inner)
+    setattr(tok, tok.clip, inner)
+    c.tokenizer = tok
+    return m, c, warnings
+
+
+def _tokenize_with_words(self, text, return_word_ids=False, **kwargs):
+    words = sorted(getattr(self, WORDS_KEY))
+    if words and isinstance(text, str):
+        import regex
+
+        pattern = regex.compile(_added_pattern(tuple(sorted(words, key=len, reverse=True))).pattern, regex.IGNORECASE)
+        ident = self.embedding_identifier
+        text = pattern.sub(lambda m: f" {ident}{_NAME.format(words.index(m.group(1).lower()))} ", text)
+    return type(self).tokenize_with_weights(self, text, return_word_ids, **kwargs)
+
+
+def _try_get_word(self, embedding_name: str):
+    parts = embedding_name.split()
+    name = parts[0] if parts else ""
+    words = sorted(getattr(self, WORDS_KEY))
+    for i, w in enumerate(words):
+        if name == _NAME.format(i):
+            return getattr(self, WORDS_KEY)[w], " ".join(parts[1:])
+    return type(self)._try_get_embedding(self, embedding_name)
