@@ -185,9 +185,9 @@ class AttentionMaps(io.ComfyNode):
 NODES = [NullTextInvert, P2PEdit, AttentionMaps]
 
 
-def _samples(latent) -> torch.Tensor:
+def _samples(latent, input_name: str = "latent") -> torch.Tensor:
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise InputError("latent", "expected a LATENT (a dict with 'samples'), e.g. from VAE Encode")
+        raise InputError(input_name, "expected a LATENT (a dict with 'samples'), e.g. from VAE Encode")
     return latent["samples"]
 
 

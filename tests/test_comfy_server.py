@@ -23,7 +23,9 @@ import pytest  # noqa: E402
 
 START_TIMEOUT = 180
 RUN_TIMEOUT = 300
-FEW_STEPS = {"CustomEditNullTextInvert": {"steps": 4, "inner_steps": 2}, "KSampler": {"steps": 4}}
+FEW_STEPS = {"CustomEditNullTextInvert": {"steps": 4, "inner_steps": 2}, "KSampler": {"steps": 4},
+             "CustomEditReferenceKVExtract": {"steps": 4}, "CustomEditDiffEditMask": {"samples": 2},
+             "CustomEditDiffEditSample": {"steps": 4}}
 
 
 def _free_port():
