@@ -82,6 +82,7 @@ class TrainResult:
     concept: Concept
     losses: list
     seconds: float
+    initial_vector: torch.Tensor     # the token's vector before training (from init_word)
 
 
 class DetachStartToken(Controller):
@@ -237,7 +238,8 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
     use_prior = class_lat is not None
 
     dev = backend.device
-    vector = torch.nn.Parameter(_init_vector(backend, s.init_word).to(dev))
+    initial = _init_vector(backend, s.init_word)
+    vector = torch.nn.Parameter(initial.clone().to(dev))
     kv = backend.kv_weights()
     deltas = {k: torch.nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=dev)) for k, w in kv.items()}
     prev = dict(getattr(backend, "_concept_deltas", None) or {})
@@ -324,4 +326,4 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
     concept = Concept((token,), (class_word,), vector.detach().float().cpu()[None].clone(),
                       {k: d.detach().float().cpu().clone() for k, d in deltas.items()}, base, fingerprint_of(base),
                       meta, s.name or token.strip("<>"))
-    return TrainResult(concept, losses, seconds)
+    return TrainResult(concept, losses, seconds, initial.cpu())
