@@ -6,6 +6,13 @@
     res = pipe.edit(inv, "a photo of a striped cat", mode="refine", blend_source_words=("cat",))
     pipe.decode(res.edited)[0].save("striped.png")
 
+    mask = pipe.diffedit_mask(Image.open("fruits.png"), "a bowl of fruits", "a basket of fruits").mask
+    pipe.decode(pipe.diffedit(Image.open("fruits.png"), mask, "a basket of fruits").edited)[0].save("basket.png")
+
+    src = pipe.invert(Image.open("cat.png"), "a cat next to a mirror", method="direct", guidance=7.5)
+    ref = pipe.extract_reference(Image.open("my_dog.png"), source=src)
+    res = pipe.specref(src, ref, "a dog next to a mirror", ("dog",), source_words=("cat",), threshold=0.5)
+
 Everything is offline: a diffusers folder is read with local_files_only, a single .safetensors
 checkpoint is converted in memory (see single_file.py), and a single file's CLIP tokenizer comes
 from a folder next to it, from `tokenizer=`, or from the vendored CLIP BPE merges.
@@ -108,13 +115,73 @@ class Pipeline:
     def invert(self, image, prompt: str, steps: int = 50, guidance: float = 7.5, method: str = "null_text",
                inner_steps: int = 10, size: Optional[int] = None) -> Inversion:
         """Invert an image (PIL, array, tensor) or a model-space latent [1, C, h, w] with its prompt."""
+        return _invert(self.backend, self.latent(image, size), prompt, steps=steps, guidance=guidance,
+                       method=method, inner_steps=inner_steps)
+
+    def latent(self, image, size: Optional[int] = None, input_name: str = "image") -> torch.Tensor:
+        """A model-space latent [1, C, h, w]: the image encoded, or the latent itself when one is given."""
         if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == self.backend.latent_channels \
                 and image.shape[1] != 3:
-            latent = image
-        else:
-            latent = self.encode_image(image, size)
-        return _invert(self.backend, latent, prompt, steps=steps, guidance=guidance, method=method,
-                       inner_steps=inner_steps)
+            return image
+        return self.encode_image(image, size, input_name)
+
+    def mask(self, mask, latent: torch.Tensor, input_name: str = "mask") -> torch.Tensor:
+        """A region mask for `latent` on its grid [1, 1, h, w], from a PIL image (white = the region), an array
+        or tensor at the image's size (0..1, or 0..255 for uint8), or a [1, 1, h, w] grid mask as it is."""
+        import numpy as np
+        from PIL import Image
+
+        from .masks import check_grid_mask, latent_mask
+
+        hw = tuple(latent.shape[2:])
+        if isinstance(mask, Image.Image):
+            mask = np.asarray(mask.convert("L"))
+        if isinstance(mask, np.ndarray):
+            arr = torch.from_numpy(np.array(mask))
+            mask = arr.float() / 255.0 if arr.dtype == torch.uint8 else arr.float()
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and tuple(mask.shape[2:]) == hw:
+            return check_grid_mask(mask, hw, input_name)
+        return latent_mask(mask, hw, self.backend.vae_scale, input_name)
+
+    def extract_reference(self, image, prompt: str = "", steps: int = 50, mask=None,
+                          source: Optional[Inversion] = None, **kw):
+        """SpecRef's reference K/V bank of an image (or latent). mask: the reference object M_s (see `mask`).
+        source: resize the reference image to this inversion's size first. Keywords: level_start,
+        level_end, step_start, step_end, store_device (see specref.extract_reference)."""
+        from .specref import extract_reference
+
+        if source is not None and not isinstance(image, torch.Tensor):
+            h, w = (n * self.backend.vae_scale for n in source.source.shape[2:])
+            pil = to_pil(image, "reference")
+            if pil.size != (w, h):
+                self.log(f"note: reference resized from {pil.size[0]}x{pil.size[1]} to the source's {w}x{h} px")
+                from PIL import Image
+                image = pil.resize((w, h), Image.LANCZOS)
+        latent = self.latent(image, None, "reference")
+        m = self.mask(mask, latent) if mask is not None else None
+        return extract_reference(self.backend, latent, prompt, steps=steps, mask=m, **kw)
+
+    def specref(self, inv: Inversion, reference, target_prompt: str, edited_words=(), mask=None, **kw):
+        """SpecRef edit of an inversion after a reference bank; mask: a fixed M_t instead of the edited
+        words' attention. Keywords: see specref.specref_edit. Returns a SpecRefResult."""
+        from .specref import specref_edit
+
+        m = self.mask(mask, inv.source) if mask is not None else None
+        return specref_edit(self.backend, inv, reference, target_prompt, edited_words, mask=m, **kw)
+
+    def diffedit_mask(self, image, source_prompt: str, target_prompt: str, size: Optional[int] = None, **kw):
+        """DiffEdit's mask of an image (or latent); keywords: samples, strength, threshold, seed."""
+        from .diffedit import diffedit_mask
+
+        return diffedit_mask(self.backend, self.latent(image, size), source_prompt, target_prompt, **kw)
+
+    def diffedit(self, image, mask, target_prompt: str, size: Optional[int] = None, **kw):
+        """DiffEdit sampling of an image (or latent) inside `mask` (see `mask`; e.g. diffedit_mask(...).mask);
+        keywords: encoding_ratio, steps, guidance, encode_prompt. Returns a DiffEditResult."""
+        from .diffedit import diffedit_sample
+
+        latent = self.latent(image, size)
+        return diffedit_sample(self.backend, latent, self.mask(mask, latent), target_prompt, **kw)
 
     def edit(self, inv: Inversion, target_prompts: Union[str, Sequence[str]],
              settings: Optional[P2PSettings] = None, **settings_kw) -> EditResult:

@@ -1,4 +1,4 @@
-"""Command line: `python -m customedit_core edit|maps|info ...`, fully offline.
+"""Command line: `python -m customedit_core edit|maps|diffedit|specref|info ...`, fully offline.
 
     python -m customedit_core edit --model sd15.safetensors --image cat.png \\
         --source "a photo of a cat" --target "a photo of a striped cat" --blend-words cat --out out.png
@@ -126,6 +126,50 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--columns", type=int, default=0, help="grid columns (default: all in one row up to 8)")
     m.add_argument("--no-labels", action="store_true", help="do not write the words on the maps")
     m.add_argument("--out", required=True, help="output PNG")
+    d = sub.add_parser("diffedit", help="DiffEdit: find the region a target prompt changes, edit only there; "
+                                        "writes source | mask | edit", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(d)
+    g = d.add_argument_group("image and prompts")
+    g.add_argument("--image", help="input image (default: a drawn scene, a red circle on grass)")
+    g.add_argument("--size", type=int, help="longer side in px (default: 512, or 128 for the tiny model)")
+    g.add_argument("--source", help=f"query prompt: what is in the image (default for the drawn scene: {SCENE_PROMPT!r})")
+    g.add_argument("--target", help=f"target prompt (default for the drawn scene: {SCENE_TARGET!r})")
+    g = d.add_argument_group("mask")
+    g.add_argument("--mask", help="a mask image (white = edit) instead of finding one")
+    g.add_argument("--samples", type=int, default=10, help="noise samples for the mask")
+    g.add_argument("--strength", type=float, default=0.5, help="noise strength of the samples")
+    g.add_argument("--threshold", type=float, default=0.5, help="mask threshold (0.5 = above 1.5x the mean)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the noise samples")
+    g = d.add_argument_group("sampling")
+    g.add_argument("--encoding-ratio", type=float, default=0.8, help="fraction of the steps encoded and decoded")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the decoding")
+    d.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
+    d.add_argument("--out", required=True, help="output PNG")
+    r = sub.add_parser("specref", help="SpecRef: edit a region after a reference image; writes source | "
+                                       "reference | edit | M_t", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(r)
+    _add_inversion_args(r)
+    r.set_defaults(method="direct")
+    g = r.add_argument_group("reference and edit")
+    g.add_argument("--reference", help="reference image, resized to the source's size (default: the drawn "
+                                       "scene mirrored)")
+    g.add_argument("--reference-prompt", default="", help="prompt of the reference (may be empty)")
+    g.add_argument("--reference-mask", help="mask image of the reference object M_s (white = object)")
+    g.add_argument("--target", help=f"edited prompt (default for the drawn scene: {SCENE_TARGET!r})")
+    g.add_argument("--edited-words", nargs="+", metavar="WORD",
+                   help="target word(s) whose region takes the reference (default for the drawn scene: circle)")
+    g.add_argument("--source-words", nargs="+", metavar="WORD", help="source word(s) whose region joins the blend")
+    g.add_argument("--mask", help="a mask image (white = edit) as M_t instead of the words' attention")
+    g.add_argument("--threshold", type=float, default=0.3, help="M_t threshold: 0.3 added words, 0.5 a swapped word")
+    g.add_argument("--level-start", type=int, default=0, help="first decoder level (0 = finest resolution)")
+    g.add_argument("--level-end", type=int, default=1, help="last decoder level (inclusive)")
+    g.add_argument("--step-start", type=float, default=0.08, help="fraction of steps where the reference starts")
+    g.add_argument("--step-end", type=float, default=1.0, help="fraction of steps where the reference ends")
+    g.add_argument("--blend-start", type=float, default=0.2, help="fraction of steps after which the outside "
+                                                                  "is kept")
+    r.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
+    r.add_argument("--out", required=True, help="output PNG")
     i = sub.add_parser("info", help="load a model and print what was detected")
     _add_model_args(i)
     return ap
@@ -288,6 +332,91 @@ def cmd_maps(a, log):
     pipe.close()
 
 
+def _mask_panel(mask, size):
+    import torch.nn.functional as F
+
+    from . import api
+
+    m = F.interpolate(mask.float(), size=(size[1], size[0]), mode="nearest")[0]
+    return api.tensor_to_pil(m.expand(3, -1, -1))
+
+
+def cmd_diffedit(a, log):
+    from . import api
+
+    _check_out(a.out)
+    if a.image and not a.target:
+        raise _Bad("target", "give the target prompt with --target")
+    pipe = _load(a, log)
+    image, source = _image_and_prompts(a, pipe, log)
+    target = a.target or SCENE_TARGET
+    z = pipe.latent(image)
+    t = time.time()
+    if a.mask:
+        mask = pipe.mask(api.open_image(a.mask, "mask").convert("L"), z)
+    else:
+        mask = pipe.diffedit_mask(z, source, target, samples=a.samples, strength=a.strength,
+                                  threshold=a.threshold, seed=a.seed).mask
+        log(f"mask from {a.samples} noise samples in {time.time() - t:.1f} s: {100 * mask.mean():.0f}% of the image")
+    t = time.time()
+    res = pipe.diffedit(z, mask, target, encoding_ratio=a.encoding_ratio, steps=a.steps, guidance=a.guidance)
+    log(f"edited in {time.time() - t:.1f} s")
+    out = _row([image, _mask_panel(mask, image.size), pipe.decode(res.edited)[0]],
+               None if a.no_labels else ["source", "mask", "edit"])
+    _save(out, a.out)
+    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: source | mask | edit)")
+    pipe.close()
+
+
+def cmd_specref(a, log):
+    from PIL import Image
+
+    from . import api
+
+    from .tokens import tokenize
+
+    _check_out(a.out)
+    if a.image and not a.target:
+        raise _Bad("target", "give the edited prompt with --target")
+    pipe = _load(a, log)
+    image, source = _image_and_prompts(a, pipe, log)
+    target = a.target or SCENE_TARGET
+    words = tuple(a.edited_words or (() if a.image or a.mask else ("circle",)))
+    if not words and not a.mask:
+        raise _Bad("edited_words", "name the target word(s) whose region takes the reference (or give --mask)")
+    reference = api.open_image(a.reference, "reference") if a.reference else image.transpose(Image.FLIP_LEFT_RIGHT)
+    ref_mask = api.open_image(a.reference_mask, "reference_mask").convert("L") if a.reference_mask else None
+    tgt = tokenize(pipe.backend.tokenizer, target, "target_prompt")      # before a possibly long inversion
+    for w in words:
+        tgt.positions(w, "edited_words")
+    for w in a.source_words or ():
+        tokenize(pipe.backend.tokenizer, source, "source_prompt").positions(w, "source_words")
+    inv = _invert(a, pipe, image, source, log)
+    t = time.time()
+    if ref_mask is not None and ref_mask.size != reference.size:
+        ref_mask = ref_mask.resize(reference.size)
+    if reference.size != image.size:
+        if ref_mask is not None:
+            ref_mask = ref_mask.resize(image.size)
+        log(f"note: reference resized from {reference.size[0]}x{reference.size[1]} to {image.size[0]}x{image.size[1]}")
+        reference = reference.resize(image.size, Image.LANCZOS)
+    bank = pipe.extract_reference(reference, a.reference_prompt, steps=a.steps, mask=ref_mask,
+                                  level_start=a.level_start, level_end=a.level_end, step_start=a.step_start,
+                                  step_end=a.step_end)
+    log(f"{bank.describe()} in {time.time() - t:.1f} s")
+    t = time.time()
+    mask = pipe.mask(api.open_image(a.mask, "mask").convert("L"), inv.source) if a.mask else None
+    res = pipe.specref(inv, bank, target, words, mask=mask, source_words=tuple(a.source_words or ()),
+                       threshold=a.threshold, level_start=a.level_start, level_end=a.level_end,
+                       step_start=a.step_start, step_end=a.step_end, blend_start=a.blend_start)
+    log(f"edited in {time.time() - t:.1f} s")
+    out = _row([image, reference, pipe.decode(res.edited)[0], _mask_panel(res.mask, image.size)],
+               None if a.no_labels else ["source", "reference", "edit", "M_t"])
+    _save(out, a.out)
+    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: source | reference | edit | M_t)")
+    pipe.close()
+
+
 def cmd_info(a, log):
     pipe = _load(a, log)
     b = pipe.backend
@@ -357,7 +486,8 @@ def main(argv=None) -> int:
         return 2
     _quiet()
     try:
-        {"edit": cmd_edit, "maps": cmd_maps, "info": cmd_info}[a.command](a, log)
+        {"edit": cmd_edit, "maps": cmd_maps, "diffedit": cmd_diffedit, "specref": cmd_specref,
+         "info": cmd_info}[a.command](a, log)
     except (InputError, _Bad) as e:
         log(f"error: {e}")
         return 2

@@ -108,3 +108,26 @@ def test_out_folder_is_made_before_any_work(tmp_path, capsys):
     rc, err = run(["edit", "--size", "32", *FAST, "--method", "direct", "--out", str(out)], capsys)
     assert rc == 0, err
     assert out.exists() and not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_diffedit_and_specref_commands(tmp_path, capsys):
+    out = tmp_path / "d.png"
+    rc, err = run(["diffedit", "--size", "32", "--steps", "4", "--samples", "2", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert Image.open(out).size == (3 * 32, 32) and "mask from 2 noise samples" in err     # source | mask | edit
+    mask = tmp_path / "mask.png"
+    half = Image.new("L", (32, 32), 0)
+    half.paste(255, (0, 0, 16, 32))
+    half.save(mask)
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (48, 48), (20, 200, 40)).save(ref)
+    out = tmp_path / "s.png"
+    rc, err = run(["specref", "--size", "32", "--steps", "4", "--reference", str(ref), "--reference-mask", str(mask),
+                   "--mask", str(mask), "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert Image.open(out).size == (4 * 32, 32)                  # source | reference | edit | M_t
+    assert "reference resized from 48x48 to 32x32" in err and "reference K/V:" in err
+    rc, err = run(["specref", "--size", "32", "--steps", "4", "--edited-words", "zebra", "--out", str(out)], capsys)
+    assert rc == 2 and "edited_words: 'zebra' does not occur" in err
+    rc, err = run(["diffedit", "--image", str(ref), "--source", "a green square", "--out", str(out)], capsys)
+    assert rc == 2 and "target: give the target prompt" in err
