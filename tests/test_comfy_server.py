@@ -25,7 +25,9 @@ START_TIMEOUT = 180
 RUN_TIMEOUT = 300
 FEW_STEPS = {"CustomEditNullTextInvert": {"steps": 4, "inner_steps": 2}, "KSampler": {"steps": 4},
              "CustomEditReferenceKVExtract": {"steps": 4}, "CustomEditDiffEditMask": {"samples": 2},
-             "CustomEditDiffEditSample": {"steps": 4}}
+             "CustomEditDiffEditSample": {"steps": 4},
+             "CustomEditTrainConcept": {"steps": 2, "class_images_count": 1, "batch_size": 1},
+             "CustomEditSaveConcept": {"overwrite": True}}
 
 
 def _free_port():
@@ -80,8 +82,13 @@ def server(tmp_path_factory):
         d.mkdir()
     S.write_test_image(dirs["input"])
     paths = root / "paths.yaml"
-    paths.write_text(f"customedit_tests:\n    checkpoints: {base / 'checkpoints'}\n"
-                     f"    custom_nodes: {S.custom_nodes_dir(base)}\n")
+    models = {k: root / "models" / k for k in ("concepts", "loras", "embeddings")}
+    for d in models.values():
+        d.mkdir(parents=True)
+    # is_default: these come first, so SaveConcept writes here and not into the ComfyUI checkout
+    paths.write_text(f"customedit_tests:\n    is_default: true\n    checkpoints: {base / 'checkpoints'}\n"
+                     f"    custom_nodes: {S.custom_nodes_dir(base)}\n"
+                     + "".join(f"    {k}: {d}\n" for k, d in models.items()))
     port = _free_port()
     log = root / "server.log"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-api-nodes",
@@ -147,9 +154,24 @@ def test_server_offers_the_ui_workflows_as_templates(server):
     assert served == json.loads((S.WORKFLOWS / "p2p_edit.json").read_text())
 
 
+def _needs_concept_file(prompt):
+    return any(n["class_type"] == "CustomEditLoadConcept" and "concept" not in n["inputs"] for n in prompt.values())
+
+
+def ensure_concept_file(server):
+    """Workflows that load models/concepts/my_concept.safetensors get it from the concept_train workflow."""
+    if not getattr(server, "concept_ready", False):
+        entry = server.run(patched("concept_train", server))
+        assert entry["status"]["status_str"] == "success", (entry["status"], server.log_tail())
+        assert (server.root / "models" / "concepts" / "my_concept.safetensors").is_file()
+        server.concept_ready = True
+
+
 @pytest.mark.parametrize("name", sorted(p.name[: -len(".api.json")] for p in (S.WORKFLOWS / "api").glob("*.api.json")))
 def test_workflow_runs_and_writes_images(server, name):
     prompt = patched(name, server)
+    if _needs_concept_file(prompt):
+        ensure_concept_file(server)
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", (entry["status"], server.log_tail())
     saved = [n for n, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")]
