@@ -209,32 +209,24 @@ def _timed_once(meter, device, fn):
     return out, sec, meter.stop()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# --- shared by the bench scripts -------------------------------------------------------------
+def add_model_args(ap, sd15_cpu_size: int):
     ap.add_argument("--model", help="diffusers folder or SD1.x/SD2.x .safetensors (default: the tiny model)")
     ap.add_argument("--sd15-shapes", action="store_true", help="SD1.5-sized random weights built from configs")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50 on cuda, 10 on cpu)")
-    ap.add_argument("--size", type=int, default=None,
-                    help="image side in px (default: 512 on cuda; on cpu 256 for --sd15-shapes, 64 for tiny)")
-    ap.add_argument("--inner-steps", type=int, default=10, help="null-text inner steps (default 10)")
+    ap.add_argument("--size", type=int, default=None, help="image side in px (default: 512 on cuda; on cpu "
+                                                           f"{sd15_cpu_size} for --sd15-shapes, 64 for tiny)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                     help="UNet/text encoder precision (default fp16 on cuda, fp32 on cpu)")
-    ap.add_argument("--methods", default="ddim,negative_prompt,direct,null_text,p2p",
-                    help="comma-separated subset of ddim,negative_prompt,direct,null_text,p2p")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run each measurement N times; report the fastest time and the largest peak")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as set by OMP_NUM_THREADS)")
-    ap.add_argument("--out", help="JSON path (default bench/results/engine-<model>-<device>-<size>px-<steps>st.json)")
-    a = ap.parse_args(argv)
 
+
+def setup(a, sd15_cpu_size: int):
+    """Threads, device, precision, step count and model of a run:
+    (pipe, label, device, dtype, steps, size in px rounded to the model's multiple, load seconds)."""
     from customedit_core import api
-    from customedit_core.ddim import Schedule
-    from customedit_core.edit import P2PSettings, p2p_edit
-    from customedit_core.inversion import invert
-    from customedit_core.sampling import denoise
-    from customedit_core.tokens import tokenize
 
     import diffusers.utils.logging as dl
     import transformers.utils.logging as tl
@@ -249,16 +241,44 @@ def main(argv=None):
     t0 = time.perf_counter()
     if a.sd15_shapes:
         pipe = sd15_shaped(device, dtype)
-        size = a.size or (512 if device.type == "cuda" else 256)
+        size = a.size or (512 if device.type == "cuda" else sd15_cpu_size)
         label = "sd15-shapes"
     else:
         pipe = api.load(a.model, device=device, dtype=dtype, log=lambda s: print(s, file=sys.stderr))
         size = a.size or (512 if device.type == "cuda" else (64 if a.model is None else 256))
         label = "tiny" if a.model is None else os.path.splitext(os.path.basename(a.model.rstrip("/")))[0]
     load_s = time.perf_counter() - t0
-    b = pipe.backend
     m = pipe.pixel_multiple
-    size = max(m, size // m * m)
+    return pipe, label, device, dtype, steps, max(m, size // m * m), load_s
+
+
+def print_table(rows):
+    print(f"{'run':<26}{'seconds':>10}{'x DDIM':>9}{'peak MiB':>11}{'x DDIM':>9}")
+    for name, r in rows.items():
+        mr = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
+        print(f"{name:<26}{r['seconds']:>10.2f}{r['time_ratio']:>9.2f}{r['peak_mib']:>11.1f}{mr:>9}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap, sd15_cpu_size=256)
+    ap.add_argument("--inner-steps", type=int, default=10, help="null-text inner steps (default 10)")
+    ap.add_argument("--methods", default="ddim,negative_prompt,direct,null_text,p2p",
+                    help="comma-separated subset of ddim,negative_prompt,direct,null_text,p2p")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each measurement N times; report the fastest time and the largest peak")
+    ap.add_argument("--out", help="JSON path (default bench/results/engine-<model>-<device>-<size>px-<steps>st.json)")
+    a = ap.parse_args(argv)
+
+    from customedit_core import api
+    from customedit_core.ddim import Schedule
+    from customedit_core.edit import P2PSettings, p2p_edit
+    from customedit_core.inversion import invert
+    from customedit_core.sampling import denoise
+    from customedit_core.tokens import tokenize
+
+    pipe, label, device, dtype, steps, size, load_s = setup(a, sd15_cpu_size=256)
+    b = pipe.backend
     z0 = pipe.encode_image(api.demo_scene(size)).to(device)
     meter = Meter(device)
     wanted = [s.strip() for s in a.methods.split(",") if s.strip()]
@@ -335,10 +355,7 @@ def main(argv=None):
     print(f"memory: {meter.method}")
     print(f"baseline measured first and last: {base['seconds']:.2f} s and {end_s:.2f} s (drift {100 * drift:.0f}%; "
           "ratios use the mean)")
-    print(f"{'run':<26}{'seconds':>10}{'x DDIM':>9}{'peak MiB':>11}{'x DDIM':>9}")
-    for name, r in rows.items():
-        mr = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
-        print(f"{name:<26}{r['seconds']:>10.2f}{r['time_ratio']:>9.2f}{r['peak_mib']:>11.1f}{mr:>9}")
+    print_table(rows)
     if "invert_null_text" in rows:
         r = rows["invert_null_text"]
         print(f"null-text inner steps used: {r['inner_steps_used']} of {r['inner_steps_max']}")

@@ -341,15 +341,20 @@ def _mask_panel(mask, size):
     return api.tensor_to_pil(m.expand(3, -1, -1))
 
 
-def cmd_diffedit(a, log):
-    from . import api
-
+def _begin(a, log):
+    """Checks before any work, then the model, the image and the prompts: (pipe, image, source, target)."""
     _check_out(a.out)
     if a.image and not a.target:
         raise _Bad("target", "give the target prompt with --target")
     pipe = _load(a, log)
     image, source = _image_and_prompts(a, pipe, log)
-    target = a.target or SCENE_TARGET
+    return pipe, image, source, a.target or SCENE_TARGET
+
+
+def cmd_diffedit(a, log):
+    from . import api
+
+    pipe, image, source, target = _begin(a, log)
     z = pipe.latent(image)
     t = time.time()
     if a.mask:
@@ -372,15 +377,9 @@ def cmd_specref(a, log):
     from PIL import Image
 
     from . import api
-
     from .tokens import tokenize
 
-    _check_out(a.out)
-    if a.image and not a.target:
-        raise _Bad("target", "give the edited prompt with --target")
-    pipe = _load(a, log)
-    image, source = _image_and_prompts(a, pipe, log)
-    target = a.target or SCENE_TARGET
+    pipe, image, source, target = _begin(a, log)
     words = tuple(a.edited_words or (() if a.image or a.mask else ("circle",)))
     if not words and not a.mask:
         raise _Bad("edited_words", "name the target word(s) whose region takes the reference (or give --mask)")

@@ -1,7 +1,6 @@
 """SpecRef on a tiny SD-shaped model (CPU, fixed seeds) and its controllers on synthetic tensors."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from customedit_core import invert
 from customedit_core.attention import AttentionHook, Controller, Layout, Site
