@@ -208,3 +208,15 @@ def test_bad_inputs(models, refs, tmp_path):
         assert warnings and "another base model" in warnings[0]
     finally:
         b.close()
+
+
+def test_gradient_checkpointing_gives_the_same_training(models, refs):
+    b = make_backend(models)
+    s = dict(class_word="dog", steps=2, batch_size=1, prior_weight=0.0, learning_rate=1e-3, seed=3)
+    try:
+        plain = train_concept(b, refs, encoder(models[3]), TrainSettings(**s))
+        ckpt = train_concept(b, refs, encoder(models[3]), TrainSettings(gradient_checkpointing=True, **s))
+    finally:
+        b.close()
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert all(torch.allclose(ckpt.concept.deltas[k], plain.concept.deltas[k], atol=1e-6) for k in plain.concept.deltas)

@@ -107,6 +107,7 @@ class DiffusersBackend(Backend):
         state.users += 1
         self._state = state
         self._deltas = None
+        self._checkpointing = False
         lpb = unet.config.layers_per_block
         self._kv = {}              # canonical attn2 name -> (processor name, attention module)
         for proc in state.saved:
@@ -203,9 +204,12 @@ class DiffusersBackend(Backend):
     def gradient_checkpointing(self):
         was = getattr(self.unet, "is_gradient_checkpointing", False)
         self.unet.enable_gradient_checkpointing()
+        self._checkpointing = True
         try:
             yield
         finally:
+            self._checkpointing = False
+            self._state.hook = self._state.deltas = None
             if not was:
                 self.unet.disable_gradient_checkpointing()
 
@@ -216,7 +220,8 @@ class DiffusersBackend(Backend):
             tt = _timesteps(t, z.shape[0], self.device)
             out = self.unet(z.to(self.dtype), tt, encoder_hidden_states=context.to(self.dtype)).sample.float()
         finally:
-            state.hook = state.deltas = None
+            if not self._checkpointing:    # recomputation in backward reads them again
+                state.hook = state.deltas = None
         if self.prediction_type == "v_prediction":
             a = self.alphas_cumprod[tt.cpu()].float().view(-1, 1, 1, 1).to(out.device)
             out = a.sqrt() * out + (1 - a).sqrt() * z.float()
