@@ -232,3 +232,31 @@ def expect_input_error(input_name, fn, *args, **kw):
     assert type(err).__name__ == "InputError", repr(err)
     assert err.input_name == input_name, str(err)
     return str(err)
+
+
+def test_cancel_stops_training_and_leaves_nothing_behind(comfy, models, refs, folders):
+    import comfy.model_management as mm
+    from comfy import utils as cutils
+
+    model, clip, _ = models
+    steps = 8
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append((value, total))
+        if total == steps and value == 2:
+            mm.interrupt_current_processing(True)          # what the Cancel button does
+
+    old = cutils.PROGRESS_BAR_HOOK
+    before = sorted(p.name for p in folders.rglob("*"))
+    cutils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(comfy, models, refs, steps=steps, prior_weight=0.0)
+    finally:
+        cutils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    assert [v for v, total in seen if total == steps][-1] == 2     # no training step after the request
+    assert sorted(p.name for p in folders.rglob("*")) == before
+    assert not model.patches and not model.weight_wrapper_patches and not clip.patcher.weight_wrapper_patches
+    assert not hasattr(getattr(clip.tokenizer, clip.tokenizer.clip), "customedit_words")
