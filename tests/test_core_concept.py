@@ -220,3 +220,37 @@ def test_gradient_checkpointing_gives_the_same_training(models, refs):
         b.close()
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
     assert all(torch.allclose(ckpt.concept.deltas[k], plain.concept.deltas[k], atol=1e-6) for k in plain.concept.deltas)
+
+
+def test_import_of_diffusers_custom_diffusion_output(models, refs, tmp_path):
+    """diffusers' Custom Diffusion saves full trained to_k/to_v weights per processor and one
+    <token>.safetensors; the import turns them into deltas against the base model."""
+    from safetensors.torch import save_file
+
+    from customedit_core.unet_names import ldm_to_diffusers
+
+    c = trained(models, refs).concept
+    b = make_backend(models)
+    try:
+        base = b.kv_weights()
+        lpb = models[0].config.layers_per_block
+        weights = {}
+        for name, d in c.deltas.items():
+            layer, proj = name.rsplit(".", 1)
+            weights[f"{ldm_to_diffusers(layer, lpb)}.processor.{proj}_custom_diffusion.weight"] = base[name] + d
+        save_file(weights, str(tmp_path / "pytorch_custom_diffusion_weights.safetensors"))
+        save_file({"<new1>": c.embeddings[0]}, str(tmp_path / "<new1>.safetensors"))
+        imported = C.from_custom_diffusion(str(tmp_path / "pytorch_custom_diffusion_weights.safetensors"),
+                                           {"<new1>": str(tmp_path / "<new1>.safetensors")}, {"<new1>": "dog"}, b,
+                                           layers_per_block=lpb)
+        assert imported.tokens == ("<new1>",) and imported.class_words == ("dog",)
+        assert torch.equal(imported.embeddings, c.embeddings)
+        assert sorted(imported.deltas) == sorted(c.deltas)
+        assert all(torch.allclose(imported.deltas[k], c.deltas[k], atol=1e-6) for k in c.deltas)
+        assert C.check_base(imported, b) == []
+        torch.save(weights, str(tmp_path / "pytorch_custom_diffusion_weights.bin"))
+        msg = expect("weights", C.from_custom_diffusion, str(tmp_path / "pytorch_custom_diffusion_weights.bin"),
+                     {}, {}, b)
+        assert "pickle" in msg and "safetensors" in msg
+    finally:
+        b.close()
