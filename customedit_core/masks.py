@@ -3,7 +3,8 @@
 A mask at image resolution (H, W) = latent * vae_scale is averaged over each latent cell
 (exact for masks the pack itself upsampled). A mask of another size with the image's aspect
 ratio (within 2%) is resized to the latent grid; one of another shape is refused rather than
-stretched over the image. Values are kept soft (0..1): blends are linear in the mask.
+stretched over the image, unless it is uniform (all one value fits any shape). Values are kept
+soft (0..1): blends are linear in the mask.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def latent_mask(mask, latent_hw, vae_scale: int, input_name: str = "mask") -> to
         raise InputError(input_name, "expected values between 0 and 1 (1 = the region)")
     h, w = int(latent_hw[0]), int(latent_hw[1])
     H, W = m.shape
-    if abs((W / H) / (w / h) - 1) > ASPECT_TOLERANCE:
+    uniform = bool(m.min() == m.max())       # e.g. LoadImage's 64x64 placeholder for an image without alpha
+    if not uniform and abs((W / H) / (w / h) - 1) > ASPECT_TOLERANCE:
         raise InputError(input_name, f"is {W}x{H} px but the image is {w * vae_scale}x{h * vae_scale} px, another "
                                      "shape; give a mask of the image's size (or at least its aspect ratio)")
     return resize(m.clamp(0, 1)[None, None], (h, w))

@@ -60,7 +60,8 @@ class DiffEditSample(io.ComfyNode):
                         "with the target prompt; outside the mask every step takes the encoded latent of the same "
                         "timestep, so the outside comes back unchanged. An all-zero mask returns the input latent "
                         "itself; an all-one mask is a plain encode-decode. The MASK is at the image's size (another "
-                        "size with the image's aspect ratio is resized to the latent grid; another shape is an error).",
+                        "size with the image's aspect ratio is resized to the latent grid; another shape is an error "
+                        "unless the mask is uniform).",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),

@@ -14,7 +14,7 @@ from .edit import CATEGORY, Inversion, _check_inversion, _renamed, _samples, par
 ReferenceKV = io.Custom("CE_REFERENCE_KV")
 
 MASKS = ("MASK inputs are at the image's size (another size with the image's aspect ratio is resized to the "
-         "latent grid; another shape is an error).")
+         "latent grid; another shape is an error unless the mask is uniform).")
 
 
 def _levels():

@@ -37,7 +37,7 @@ def test_diffedit_through_the_api(pipe):
     arr = pipe.mask(np.asarray(left_half_image()), z0)
     assert torch.equal(arr, pipe.mask(left_half_image(), z0)) and arr[..., :8].eq(1).all()
     with pytest.raises(InputError, match="^mask: is 128x64 px"):
-        pipe.diffedit(scene, Image.new("L", (128, 64)), TGT, steps=4)
+        pipe.diffedit(scene, left_half_image().crop((0, 0, 128, 64)), TGT, steps=4)
 
 
 def test_specref_through_the_api(pipe):

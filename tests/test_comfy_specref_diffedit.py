@@ -187,7 +187,7 @@ def test_bad_inputs_name_the_input(comfy, models, latents, source_inversion, ban
     msg = expect_input_error("level_end", run, comfy, node, **{**extract, "level_end": 2})
     assert "levels 0-1" in msg
     expect_input_error("mask", run, comfy, node, **extract, mask=torch.zeros(1, PX, PX))
-    expect_input_error("mask", run, comfy, node, **extract, mask=torch.ones(1, PX, PX // 2))
+    expect_input_error("mask", run, comfy, node, **extract, mask=left_half()[:, : PX // 2])
     expect_input_error("reference", run, comfy, node, **{**extract, "reference": {"x": 1}})
 
     edit = dict(model=model, clip=clip, inversion=source_inversion, reference_kv=bank[0], target_prompt=TARGET,

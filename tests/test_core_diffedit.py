@@ -106,7 +106,8 @@ def test_mask_from_image_resolution(backend):
     odd = latent_mask(torch.ones(1, 100, 100), (16, 16), 8)
     assert odd.shape == (1, 1, 16, 16) and torch.allclose(odd, torch.ones_like(odd))
     with pytest.raises(InputError, match="^mask: is 128x64 px but the image is 128x128"):
-        latent_mask(torch.ones(1, 64, 128), (16, 16), 8)
+        latent_mask(host[:, :64], (16, 16), 8)
+    assert torch.equal(latent_mask(torch.ones(1, 64, 128), (16, 16), 8), torch.ones(1, 1, 16, 16))   # uniform
     with pytest.raises(InputError, match="^mask: holds 2 masks"):
         latent_mask(torch.ones(2, 128, 128), (16, 16), 8)
     with pytest.raises(InputError, match="^mask: expected values between 0 and 1"):
