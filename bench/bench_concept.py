@@ -71,7 +71,7 @@ def main(argv=None):
     for name in [c.strip() for c in a.configs.split(",") if c.strip()]:
         s = TrainSettings(class_word="dog", steps=a.steps, batch_size=2, learning_rate=1e-5, seed=0,
                           prior_weight=0.0 if name in ("fp32", "bf16", "fp16") else 1.0,
-                          class_images=a.class_images, precision=name if name in ("bf16", "fp16") else "fp32",
+                          num_class_images=a.class_images, precision=name if name in ("bf16", "fp16") else "fp32",
                           gradient_checkpointing=name == "ckpt", ico=name == "ico")
         stamps = []
         customize._CLASS_CACHE.clear()          # every configuration pays for its class images

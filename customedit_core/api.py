@@ -198,6 +198,69 @@ class Pipeline:
         from .maps import attention_maps
         return attention_maps(self.backend, inv, target_prompt, settings, label=label)
 
+    # --- concepts (Custom Diffusion) -------------------------------------------------------
+    def train_concept(self, images, class_word: str, token: str = "<new1>", masks=None, class_images=None,
+                      size: Optional[int] = None, **settings):
+        """Learn a concept from reference images (PIL images, arrays or an [N, H, W, 3] tensor in 0..1,
+        resized to one size); keywords: see customize.TrainSettings. Returns a TrainResult whose
+        `.concept` goes to `load_concept` or `concept.save`. The pipeline's model is left unchanged."""
+        from .customize import TrainSettings, train_concept
+
+        refs = self._image_batch(images, size, "images")
+        cls = None if class_images is None else self._image_batch(class_images, size, "class_images",
+                                                                  like=refs)
+        m = None if masks is None else self._mask_batch(masks, refs)
+        s = TrainSettings(token=token, class_word=class_word, **settings)
+        return train_concept(self.backend, refs, self._encode_pixels, s, masks=m, class_images=cls)
+
+    def load_concept(self, concept, strength: float = 1.0) -> list:
+        """Add a concept (a Concept or a .safetensors path) to this pipeline's model: its word works in
+        every prompt from now on. Returns warnings (e.g. trained on another base model)."""
+        from . import concept as concepts
+
+        c = concepts.load(concept) if isinstance(concept, str) else concept
+        warnings = concepts.apply(self.backend, c, strength)
+        for w in warnings:
+            self.log(f"warning: {w}")
+        return warnings
+
+    def _image_batch(self, images, size, input_name, like=None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[-1] == 3:
+            return images.float()
+        if not isinstance(images, (list, tuple)) or not images:
+            raise InputError(input_name, "expected a non-empty list of images or an [N, H, W, 3] tensor")
+        first = self.prepare_image(images[0], size, input_name) if like is None else None
+        w, h = (first.size if first is not None else (like.shape[2], like.shape[1]))
+        out = []
+        for k, img in enumerate(images):
+            pil = to_pil(img, f"{input_name}[{k}]").convert("RGB")
+            if pil.size != (w, h):
+                if like is None and k > 0:
+                    raise InputError(input_name, f"image {k} is {pil.size[0]}x{pil.size[1]} but the first is "
+                                                 f"{w}x{h}; give reference images of one size")
+                from PIL import Image
+                pil = pil.resize((w, h), Image.LANCZOS)
+            out.append(pil_to_tensor(pil)[0].permute(1, 2, 0))
+        return torch.stack(out)
+
+    def _mask_batch(self, masks, refs) -> torch.Tensor:
+        import numpy as np
+
+        if isinstance(masks, torch.Tensor):
+            return masks.float()
+        out = []
+        for k, m in enumerate(masks):
+            pil = to_pil(m, f"masks[{k}]").convert("L").resize((refs.shape[2], refs.shape[1]))
+            out.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0))
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).to(self.device, _dtype(self.vae)) * 2.0 - 1.0
+        lat = self.vae.encode(x).latent_dist.mean.float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (lat - shift) * self.scaling_factor
+
     def close(self) -> None:
         self.backend.close()
 

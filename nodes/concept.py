@@ -96,7 +96,7 @@ class TrainConcept(io.ComfyNode):
                 class_images=None) -> io.NodeOutput:
         settings = TrainSettings(token=token, class_word=class_word, steps=int(steps), learning_rate=float(learning_rate),
                                  batch_size=int(batch_size), prior_weight=float(prior_weight),
-                                 class_images=int(class_images_count), seed=int(seed), ico=bool(ico),
+                                 num_class_images=int(class_images_count), seed=int(seed), ico=bool(ico),
                                  precision=precision, gradient_checkpointing=bool(gradient_checkpointing),
                                  template=template if template is not None else "photo of a")
         backend = ComfyBackend(model, clip)

@@ -48,7 +48,7 @@ def trained(models, refs, **kw):
     key = tuple(sorted(kw.items()))
     if key not in _RUNS:
         b = make_backend(models)
-        s = TrainSettings(class_word="dog", steps=20, learning_rate=1e-2, batch_size=2, class_images=2, class_steps=3,
+        s = TrainSettings(class_word="dog", steps=20, learning_rate=1e-2, batch_size=2, num_class_images=2, class_steps=3,
                           seed=0, **kw)
         _RUNS[key] = train_concept(b, refs, encoder(models[3]), s)
         b.close()
