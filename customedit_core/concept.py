@@ -103,12 +103,12 @@ def apply(backend, concept: Concept, strength: float = 1.0, input_name: str = "c
         if word in getattr(tok, "added", {}):
             raise InputError(input_name, f"token {word!r} is already taken by a loaded concept; a model can hold one "
                                          "concept per token")
-    current = dict(getattr(backend, "_concept_deltas", None) or {})
+    current = dict(backend.concept_deltas or {})
     for name, d in concept.deltas.items():
         d = d.to(backend.device) if strength == 1.0 else float(strength) * d.to(backend.device)
         current[name] = current[name] + d if name in current else d
     backend.set_kv_deltas(current)
-    backend._concept_deltas = current
+    backend.concept_deltas = current
     for word, vec in zip(concept.tokens, concept.embeddings):
         tok.add_word(word, vec.to(backend.device), input_name)
     return warnings

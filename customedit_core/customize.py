@@ -17,7 +17,6 @@ have to. They are discarded after training.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -242,7 +241,7 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
     vector = torch.nn.Parameter(initial.clone().to(dev))
     kv = backend.kv_weights()
     deltas = {k: torch.nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=dev)) for k, w in kv.items()}
-    prev = dict(getattr(backend, "_concept_deltas", None) or {})
+    prev = dict(backend.concept_deltas or {})
     params = [vector] + list(deltas.values())
 
     tok.add_word(token, vector, "token")

@@ -17,7 +17,6 @@ architectures, inpainting/depth/unCLIP variants, and TAESD-only VAEs.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct

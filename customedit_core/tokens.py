@@ -37,12 +37,12 @@ def split_words(text: str, added=()) -> list[str]:
     if not added:
         return _PAT.findall(text)
     out = []
-    for i, part in enumerate(_added_pattern(tuple(sorted(added, key=len, reverse=True))).split(text)):
+    for i, part in enumerate(added_pattern(tuple(sorted(added, key=len, reverse=True))).split(text)):
         out.extend([part] if i % 2 else _PAT.findall(part))
     return out
 
 
-def _added_pattern(words):
+def added_pattern(words):
     # whole words only: "<new1>" must not match inside "x<new1>y" when it starts/ends with a letter
     alts = "|".join(regex.escape(w) for w in words)
     return regex.compile(rf"(?<![\p{{L}}\p{{N}}])({alts})(?![\p{{L}}\p{{N}}])")

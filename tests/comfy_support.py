@@ -142,3 +142,22 @@ class ServerStub:
 
     def queue_updated(self):
         pass
+
+
+def run_node(comfy, node_id, **kw):
+    """Call a node as ComfyUI does (under inference mode); returns its outputs."""
+    import torch
+
+    with torch.inference_mode():
+        return comfy.NODE_CLASS_MAPPINGS[node_id].execute(**kw).result
+
+
+def expect_input_error(input_name, fn, *args, **kw):
+    """fn(...) raises the pack's InputError naming `input_name`; returns its message."""
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kw)
+    err = info.value
+    assert type(err).__name__ == "InputError", repr(err)
+    assert err.input_name == input_name, str(err)
+    assert str(err).startswith(f"{input_name}: ")
+    return str(err)

@@ -30,3 +30,21 @@ def backend(tiny):
 def z0():
     g = torch.Generator().manual_seed(1)
     return torch.randn(1, 4, 16, 16, generator=g)
+
+
+# ---- ComfyUI tests (test_comfy_*.py; they skip without COMFYUI_DIR before asking for these) ----
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    """Folder with the generated tiny SD1.x checkpoint and the pack linked as a custom node."""
+    import comfy_support as S
+    r = tmp_path_factory.getbasetemp() / "comfy"
+    S.tiny_checkpoint(r)
+    return r
+
+
+@pytest.fixture(scope="session")
+def comfy(root):
+    """ComfyUI's `nodes` module, imported in-process with the pack loaded."""
+    import comfy_support as S
+    return S.import_comfy(root)

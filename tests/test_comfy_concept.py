@@ -8,6 +8,8 @@ import comfy_support as S
 
 S.skip_unless_comfy()
 
+from comfy_support import expect_input_error, run_node as run  # noqa: E402
+
 import copy  # noqa: E402
 import os  # noqa: E402
 
@@ -15,18 +17,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    r = tmp_path_factory.getbasetemp() / "comfy"
-    S.tiny_checkpoint(r)
-    return r
-
-
-@pytest.fixture(scope="module")
-def comfy(root):
-    return S.import_comfy(root)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +43,6 @@ def refs():
     """Three reference pictures of one orange disc thing at different places."""
     base = torch.from_numpy(S.image_array())
     return torch.stack([base, base.flip(1), base.flip(0)])
-
-
-def run(comfy, node_id, **kw):
-    with torch.inference_mode():
-        return comfy.NODE_CLASS_MAPPINGS[node_id].execute(**kw).result
 
 
 def train(comfy, models, refs, **kw):
@@ -223,15 +208,6 @@ def test_bad_inputs(comfy, models, refs, trained, folders):
     (folders / "concepts" / "pickled.safetensors").write_bytes(b"\x80\x04\x95" + b"\0" * 64)
     assert "pickle" in expect_input_error("concept_name", run, comfy, "CustomEditLoadConcept", model=model,
                                           clip=clip, concept_name="pickled.safetensors", strength=1.0)
-
-
-def expect_input_error(input_name, fn, *args, **kw):
-    with pytest.raises(ValueError) as info:
-        fn(*args, **kw)
-    err = info.value
-    assert type(err).__name__ == "InputError", repr(err)
-    assert err.input_name == input_name, str(err)
-    return str(err)
 
 
 def test_cancel_stops_training_and_leaves_nothing_behind(comfy, models, refs, folders):

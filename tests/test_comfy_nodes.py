@@ -10,6 +10,8 @@ import comfy_support as S
 
 S.skip_unless_comfy()
 
+from comfy_support import expect_input_error, run_node as run  # noqa: E402
+
 import copy  # noqa: E402
 import types  # noqa: E402
 
@@ -18,18 +20,6 @@ import torch  # noqa: E402
 
 STEPS = 10
 SOURCE = "a photo of a cat sitting on the grass"
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    r = tmp_path_factory.getbasetemp() / "comfy"
-    S.tiny_checkpoint(r)
-    return r
-
-
-@pytest.fixture(scope="module")
-def comfy(root):
-    return S.import_comfy(root)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +39,6 @@ def latent(comfy, models, image):
         return comfy.VAEEncode().encode(models[2], image)[0]
 
 
-def run(comfy, node_id, **kw):
-    """Call a node as ComfyUI does (under inference mode); returns its outputs."""
-    with torch.inference_mode():
-        return comfy.NODE_CLASS_MAPPINGS[node_id].execute(**kw).result
-
-
 _INVERSIONS = {}
 
 
@@ -70,16 +54,6 @@ def inversion(comfy, models, latent, method, steps=STEPS, inner_steps=10):
 
 def rel_err(a, b):
     return ((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-12)).item()
-
-
-def expect_input_error(name, fn, *args, **kw):
-    with pytest.raises(ValueError) as info:
-        fn(*args, **kw)
-    err = info.value
-    assert type(err).__name__ == "InputError", repr(err)
-    assert err.input_name == name, str(err)
-    assert str(err).startswith(f"{name}: ")
-    return str(err)
 
 
 # ---- registration ----------------------------------------------------------------------------

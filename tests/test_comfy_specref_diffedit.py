@@ -8,6 +8,8 @@ import comfy_support as S
 
 S.skip_unless_comfy()
 
+from comfy_support import expect_input_error, run_node as run  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -15,18 +17,6 @@ STEPS = 6
 SOURCE = "a photo of a cat sitting on the grass"
 TARGET = "a photo of a dog sitting on the grass"
 PX = S.IMAGE_SIZE
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    r = tmp_path_factory.getbasetemp() / "comfy"
-    S.tiny_checkpoint(r)
-    return r
-
-
-@pytest.fixture(scope="module")
-def comfy(root):
-    return S.import_comfy(root)
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +32,6 @@ def latents(comfy, models):
         source = comfy.VAEEncode().encode(models[2], image)[0]
         reference = comfy.VAEEncode().encode(models[2], image.flip(2))[0]
     return source, reference
-
-
-def run(comfy, node_id, **kw):
-    with torch.inference_mode():
-        return comfy.NODE_CLASS_MAPPINGS[node_id].execute(**kw).result
-
-
-def expect_input_error(name, fn, *args, **kw):
-    with pytest.raises(ValueError) as info:
-        fn(*args, **kw)
-    err = info.value
-    assert type(err).__name__ == "InputError", repr(err)
-    assert err.input_name == name, str(err)
-    return str(err)
 
 
 def left_half(size=PX):

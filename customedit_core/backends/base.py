@@ -21,6 +21,7 @@ class Backend:
     vae_scale: int = 8                 # image pixels per latent cell
     device: torch.device = torch.device("cpu")
     name: str = "backend"
+    concept_deltas: Optional[dict] = None   # K/V deltas of the concepts applied (concept.apply)
 
     def fingerprint(self) -> str:
         """Identifies the model (weights and patches) an inversion was made with."""

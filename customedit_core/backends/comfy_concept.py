@@ -14,7 +14,7 @@ import types
 
 from ..concept import Concept, check_base
 from ..errors import InputError
-from ..tokens import _added_pattern
+from ..tokens import added_pattern
 from .comfy import WORDS_KEY, ComfyBackend
 
 _NAME = "__customedit_{}__"
@@ -61,7 +61,7 @@ def _tokenize_with_words(self, text, return_word_ids=False, **kwargs):
     if words and isinstance(text, str):
         import regex
 
-        pattern = regex.compile(_added_pattern(tuple(sorted(words, key=len, reverse=True))).pattern, regex.IGNORECASE)
+        pattern = regex.compile(added_pattern(tuple(sorted(words, key=len, reverse=True))).pattern, regex.IGNORECASE)
         ident = self.embedding_identifier
         text = pattern.sub(lambda m: f" {ident}{_NAME.format(words.index(m.group(1).lower()))} ", text)
     return type(self).tokenize_with_weights(self, text, return_word_ids, **kwargs)
