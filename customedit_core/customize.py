@@ -212,6 +212,7 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
     The backend is left as it was (no added token, no deltas), also when interrupted."""
     s = settings
     s.check()
+    _autocast(backend, s.precision)             # refuse fp16 off CUDA before any work
     images = _check_images(images, "images", backend)
     masks = _check_masks(masks, images)
     tok = backend.tokenizer
