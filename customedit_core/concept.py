@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
+from .single_file import is_pickle, refuse_pickle
 
 FORMAT = "customedit.concept"
 VERSION = "1"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -147,11 +147,8 @@ def _read(path: str, input_name: str):
 
     if not os.path.isfile(path):
         raise InputError(input_name, f"file {path} does not exist")
-    if path.lower().endswith(PICKLE_SUFFIXES) or _is_pickle(path):
-        raise InputError(input_name, f"{os.path.basename(path)} is a pickle file, which can run arbitrary code when "
-                                     "loaded and is not read here; convert it to .safetensors first (load it once in a "
-                                     "trusted environment and save its tensors with safetensors.torch.save_file; for "
-                                     "diffusers Custom Diffusion output use its .safetensors files)")
+    if is_pickle(path):
+        refuse_pickle(path, input_name, "; for diffusers Custom Diffusion output use its .safetensors files")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -160,12 +157,6 @@ def _read(path: str, input_name: str):
         raise InputError(input_name, f"{os.path.basename(path)} is corrupt or truncated ({e}); "
                                      "expected a .safetensors concept file") from None
     return meta, tensors
-
-
-def _is_pickle(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04"
 
 
 def load(path: str, input_name: str = "concept") -> Concept:

@@ -50,11 +50,16 @@ class Checkpoint:
     metadata: dict
 
 
-def refuse_pickle(path: str, input_name: str = "model"):
+def refuse_pickle(path: str, input_name: str = "model", hint: str = ""):
     raise InputError(input_name, f"{os.path.basename(path)} is a pickle file, which can run arbitrary code "
                                  "when loaded and is not read here; convert it to .safetensors first (for "
                                  "example: load it once in a trusted environment and save the state dict "
-                                 "with safetensors.torch.save_file)")
+                                 f"with safetensors.torch.save_file{hint})")
+
+
+def is_pickle(path: str) -> bool:
+    """By name or by its first bytes (a pickle's protocol byte, a zip of pickles)."""
+    return path.lower().endswith(PICKLE_SUFFIXES) or _sniff(path) == "pickle"
 
 
 def _sniff(path: str) -> str:
@@ -75,7 +80,7 @@ def read(path: str, input_name: str = "model") -> tuple[dict, dict]:
         raise InputError(input_name, f"{path!r} does not exist (expected a .safetensors checkpoint or a "
                                      "diffusers-format folder)")
     kind = _sniff(path)
-    if path.lower().endswith(PICKLE_SUFFIXES) or kind == "pickle":
+    if is_pickle(path):
         refuse_pickle(path, input_name)
     if kind != "safetensors":
         raise InputError(input_name, f"{os.path.basename(path)} is not a safetensors file; {SUPPORTED}")

@@ -8,6 +8,7 @@ we check that instead of trusting it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,10 +43,11 @@ def split_words(text: str, added=()) -> list[str]:
     return out
 
 
-def added_pattern(words):
+@functools.lru_cache(maxsize=64)
+def added_pattern(words, flags=0):
     # whole words only: "<new1>" must not match inside "x<new1>y" when it starts/ends with a letter
     alts = "|".join(regex.escape(w) for w in words)
-    return regex.compile(rf"(?<![\p{{L}}\p{{N}}])({alts})(?![\p{{L}}\p{{N}}])")
+    return regex.compile(rf"(?<![\p{{L}}\p{{N}}])({alts})(?![\p{{L}}\p{{N}}])", flags)
 
 
 _FORBIDDEN = set("()[]{}:,\"'\\")
@@ -61,7 +63,9 @@ class AddedWords:
         self._first_added = self._next_id = int(first_id)
 
     def add_word(self, word: str, vector, input_name: str = "token") -> int:
-        word = check_new_word(self, word, input_name)
+        return self._register(check_new_word(self, word, input_name), vector)
+
+    def _register(self, word: str, vector) -> int:
         i = self._next_id
         self._next_id += 1
         self.added[word], self.vectors[i] = i, vector

@@ -58,6 +58,17 @@ def _fresh(t):
     return t.clone() if t.is_inference() else t
 
 
+def _add_fresh_wrappers(patcher):
+    """Every weight and bias of the patcher's model reaches the ops as a non-inference copy."""
+    for n, m in patcher.model.named_modules():
+        if not hasattr(m, "weight_function"):
+            continue
+        if getattr(m, "weight", None) is not None:
+            patcher.add_weight_wrapper(f"{n}.weight", _fresh)
+        if getattr(m, "bias", None) is not None:
+            patcher.add_weight_wrapper(f"{n}.bias", _fresh)
+
+
 class ComfyTokenizer(AddedWords):
     """Adapts ComfyUI's SDTokenizer (clip.tokenizer.clip_l / clip_h) to the core's Tokenizer.
     Concept words a LoadConcept node put on that tokenizer become added words here."""
@@ -67,9 +78,7 @@ class ComfyTokenizer(AddedWords):
         self.tok = sd_tokenizer.tokenizer
         self._init_added(len(self.tok))
         for word, vector in getattr(sd_tokenizer, WORDS_KEY, {}).items():
-            i = self._next_id
-            self._next_id += 1
-            self.added[word], self.vectors[i] = i, vector
+            self._register(word, vector)         # checked when LoadConcept put them there
         self.bos = int(sd_tokenizer.start_token)
         self.eos = int(sd_tokenizer.end_token)
         self.pad = int(sd_tokenizer.pad_token)      # SD1: the end token; SD2: 0
@@ -325,13 +334,7 @@ class ComfyBackend(Backend):
         """A clone of the CLIP whose weights reach the ops as ordinary tensors (autograd to inputs)."""
         if self._text_clip is None:
             c = self.clip.clone()
-            for n, m in c.patcher.model.named_modules():
-                if not hasattr(m, "weight_function"):
-                    continue
-                if getattr(m, "weight", None) is not None:
-                    c.patcher.add_weight_wrapper(f"{n}.weight", _fresh)
-                if getattr(m, "bias", None) is not None:
-                    c.patcher.add_weight_wrapper(f"{n}.bias", _fresh)
+            _add_fresh_wrappers(c.patcher)
             self._text_clip = c
         return self._text_clip
 
@@ -424,14 +427,7 @@ class ComfyBackend(Backend):
         """Weight wrappers on our clone: every weight reaches the ops as a non-inference copy."""
         if self._autograd_weights:
             return
-        g = self.patcher
-        for n, m in g.model.named_modules():
-            if not hasattr(m, "weight_function"):
-                continue
-            if getattr(m, "weight", None) is not None:
-                g.add_weight_wrapper(f"{n}.weight", _fresh)
-            if getattr(m, "bias", None) is not None:
-                g.add_weight_wrapper(f"{n}.bias", _fresh)
+        _add_fresh_wrappers(self.patcher)
         self._autograd_weights = True
         self._loaded = False       # new patches uuid: the next call reloads the model with the wrappers
 

@@ -61,7 +61,7 @@ def _tokenize_with_words(self, text, return_word_ids=False, **kwargs):
     if words and isinstance(text, str):
         import regex
 
-        pattern = regex.compile(added_pattern(tuple(sorted(words, key=len, reverse=True))).pattern, regex.IGNORECASE)
+        pattern = added_pattern(tuple(sorted(words, key=len, reverse=True)), regex.IGNORECASE)
         ident = self.embedding_identifier
         text = pattern.sub(lambda m: f" {ident}{_NAME.format(words.index(m.group(1).lower()))} ", text)
     return type(self).tokenize_with_weights(self, text, return_word_ids, **kwargs)
