@@ -256,6 +256,13 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
 
         class_tokens = tokenize(tok, f"{s.template} {class_word}", "class_word") if use_prior else None
         contexts = None
+        slots = {}          # ICO: per prompt prefix, the template's positions (the contexts' places)
+
+        def template_slots(prefix):
+            if prefix not in slots:
+                slots[prefix] = ref_tokens(prefix).positions(s.template, "template")[:len(pos)]
+            return slots[prefix]
+
         if s.ico:
             pos = ref_tokens("").positions(s.template, "template")
             init = backend.token_embedding_table()[torch.tensor([ref_tokens("").ids[p] for p in pos],
@@ -282,8 +289,7 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
                 toks = [ref_tokens(vs[i].prefix) for i in pick]
                 overrides = None
                 if contexts is not None:
-                    overrides = [{p: contexts[vs[i].source][j] for j, p in
-                                  enumerate(ref_tokens(vs[i].prefix).positions(s.template, "template")[:len(pos)])}
+                    overrides = [{p: contexts[vs[i].source][j] for j, p in enumerate(template_slots(vs[i].prefix))}
                                  for i in pick]
                 if use_prior:
                     cpick = torch.randint(class_lat.shape[0], (B,), generator=g)
