@@ -53,6 +53,7 @@ class Pipeline:
     notes: list = field(default_factory=list)
     log: Callable[[str], None] = _stderr
     default_size: int = 512
+    concepts: dict = field(default_factory=dict)      # concept word -> class word, of the loaded concepts
 
     # --- facts -------------------------------------------------------------------------
     @property
@@ -220,9 +221,33 @@ class Pipeline:
 
         c = concepts.load(concept) if isinstance(concept, str) else concept
         warnings = concepts.apply(self.backend, c, strength)
+        self.concepts.update(zip(c.tokens, c.class_words))
         for w in warnings:
             self.log(f"warning: {w}")
         return warnings
+
+    def dci(self, prompt: str, seed: int = 0, size: Optional[int] = None, batch: int = 1,
+            inversion: Optional[Inversion] = None, **kw):
+        """DCI sampling of the loaded concept(s) from seeded noise (size x size px, or `size` as
+        (width, height)) or from an inversion; keywords: see dci.dci_sample (auxiliary_prompt,
+        concept_words, settings, steps, guidance, negative_prompt). Returns a DCIResult."""
+        from .dci import dci_sample
+
+        if not self.concepts:
+            self.log("warning: no concept is loaded, so DCI is plain sampling")
+        noise = None
+        if inversion is None:
+            w, h = (size, size) if isinstance(size, int) or size is None else size
+            w, h = w or self.default_size, h or self.default_size
+            m = self.pixel_multiple
+            if w % m or h % m or w <= 0 or h <= 0:
+                raise InputError("size", f"expected positive multiples of {m} px, got {w}x{h}")
+            if batch < 1:
+                raise InputError("batch", f"expected at least 1, got {batch}")
+            s = self.backend.vae_scale
+            g = torch.Generator().manual_seed(int(seed))
+            noise = torch.randn(batch, self.backend.latent_channels, h // s, w // s, generator=g)
+        return dci_sample(self.backend, prompt, self.concepts, noise=noise, inversion=inversion, **kw)
 
     def _image_batch(self, images, size, input_name, like=None) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[-1] == 3:

@@ -196,6 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "<out>.embedding.safetensors (embedding:) for ComfyUI")
     g.add_argument("--loss-plot", help="write the loss curve to this PNG")
     c.add_argument("--out", required=True, help="concept file (.safetensors)")
+    x = sub.add_parser("dci", help="DCI: sample a loaded concept with its context kept (Divide, Conquer, then "
+                                   "Integrate); writes plain | DCI | concept weight", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(x)
+    g = x.add_argument_group("DCI")
+    g.add_argument("--prompt", required=True, help="prompt with the concept word, e.g. 'a photo of a <new1> dog on "
+                                                   "the beach'")
+    g.add_argument("--auxiliary-prompt", default="", help="the plain prompt of the auxiliary branch (default: the "
+                                                          "concept word dropped before, or replaced by, its class word)")
+    g.add_argument("--concept-words", nargs="+", metavar="WORD", help="which concept words (default: every loaded "
+                                                                      "one in the prompt)")
+    g.add_argument("--fraction", type=float, default=0.3, help="share of the steps with both branches")
+    g.add_argument("--balance", type=float, default=0.0, help="lambda: > 0 favours the concept, < 0 the context")
+    g.add_argument("--negative", default="", help="negative prompt (not with --image)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--size", type=int, help="side in px (default: 512, or 128 for the tiny model); with --image "
+                                            "its longer side")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--image", help="edit this image from its inversion instead of sampling from noise")
+    g.add_argument("--source", help="prompt describing --image")
+    g.add_argument("--method", default="null_text", choices=["null_text", "negative_prompt", "direct", "ddim"],
+                   help="inversion method for --image")
+    g.add_argument("--inner-steps", type=int, default=10, help="null-text optimisation steps per timestep")
+    x.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
+    x.add_argument("--out", required=True, help="output PNG")
     im = sub.add_parser("import-concept", help="convert diffusers' Custom Diffusion output (safetensors) into a "
                                                "concept file; needs the base model")
     _add_model_args(im)
@@ -521,6 +546,45 @@ def cmd_specref(a, log):
     pipe.close()
 
 
+def cmd_dci(a, log):
+    from . import api
+    from .dci import DCISettings
+
+    _check_out(a.out)
+    if a.image and not a.source:
+        raise _Bad("source", "describe --image with --source (it is inverted with that prompt)")
+    pipe = _load(a, log)
+    kw = dict(auxiliary_prompt=a.auxiliary_prompt, concept_words=tuple(a.concept_words or ()), steps=a.steps,
+              guidance=a.guidance)
+    dci = DCISettings(a.fraction, a.balance)
+    dci.check()
+    if a.image:
+        image = pipe.prepare_image(api.open_image(a.image), a.size)
+        inv = _invert(a, pipe, image, a.source, log)
+        start = dict(inversion=inv)
+        panels, labels = [image], ["source"]
+    else:
+        start = dict(seed=a.seed, size=a.size or pipe.default_size, negative_prompt=a.negative)
+        panels, labels = [], []
+    t = time.time()
+    plain = pipe.dci(a.prompt, settings=DCISettings(0.0), **start, **kw)
+    log(f"plain sampling in {time.time() - t:.1f} s")
+    t = time.time()
+    res = pipe.dci(a.prompt, settings=dci, **start, **kw)
+    log(f"DCI ({res.integrated_steps} of {a.steps} steps integrated, auxiliary prompt {res.auxiliary_prompt!r}) "
+        f"in {time.time() - t:.1f} s")
+    out_plain, out_dci = pipe.decode(plain.latents)[0], pipe.decode(res.latents)[0]
+    panels += [out_plain, out_dci]
+    labels += ["plain", "DCI"]
+    if res.weights is not None:
+        panels.append(_mask_panel(res.weights, out_dci.size))
+        labels.append("concept weight")
+    out = _row(panels, None if a.no_labels else labels)
+    _save(out, a.out)
+    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: {' | '.join(labels)})")
+    pipe.close()
+
+
 def cmd_info(a, log):
     pipe = _load(a, log)
     b = pipe.backend
@@ -592,7 +656,7 @@ def main(argv=None) -> int:
     _quiet()
     try:
         {"edit": cmd_edit, "maps": cmd_maps, "diffedit": cmd_diffedit, "specref": cmd_specref,
-         "train-concept": cmd_train_concept, "import-concept": cmd_import_concept,
+         "train-concept": cmd_train_concept, "import-concept": cmd_import_concept, "dci": cmd_dci,
          "info": cmd_info}[a.command](a, log)
     except (InputError, _Bad) as e:
         log(f"error: {e}")

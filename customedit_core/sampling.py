@@ -28,15 +28,18 @@ def denoise(backend, schedule: Schedule, z: torch.Tensor, cond: torch.Tensor,
             hook: Optional[AttentionHook] = None,
             source_path: Optional[Sequence[torch.Tensor]] = None,
             after_step: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-            first_step: int = 0) -> torch.Tensor:
-    """Walk z down from timesteps[first_step] to the clean latent.
+            first_step: int = 0, end_step: Optional[int] = None,
+            tick: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Walk z down from timesteps[first_step] to the clean latent (or stop before end_step).
 
     source_path[i] replaces row 0 (the source branch) after step i: direct inversion.
-    after_step(i, z) may rewrite the latents (local blend).
+    after_step(i, z) may rewrite the latents (local blend). tick: a progress display shared
+    by several walks (default: one of its own).
     """
-    tick = backend.progress(schedule.steps - first_step)
+    end = schedule.steps if end_step is None else end_step
+    tick = tick or backend.progress(end - first_step)
     with torch.no_grad():
-        for i in range(first_step, schedule.steps):
+        for i in range(first_step, end):
             backend.check_interrupt()
             t = schedule.timesteps[i]
             eps = guided_eps(backend, z, t, cond, uncond_at(i), guidance, hook, i, schedule.steps)

@@ -78,3 +78,31 @@ def test_python_api_train_and_load(refs):
         assert torch.isfinite(out.edited).all()
     finally:
         pipe.close()
+
+
+def test_dci_from_the_command_line_and_the_api(refs, tmp_path, capsys):
+    pipe = api.load(None, log=lambda s: None)
+    try:
+        res = pipe.train_concept([Image.open(p) for p in refs], "dog", steps=1, num_class_images=1, class_steps=2)
+        path = C.save(res.concept, str(tmp_path / "dog.safetensors"))
+        pipe.load_concept(res.concept)
+        plain = pipe.dci("a photo of a <new1> dog on grass", seed=3, size=32, steps=3, settings=api_dci(0.0))
+        again = pipe.dci("a photo of a <new1> dog on grass", seed=3, size=32, steps=3)
+        assert plain.latents.shape == (1, 4, 4, 4) and again.integrated_steps == 1
+        assert again.auxiliary_prompt == "a photo of a dog on grass"
+        assert not torch.equal(plain.latents, again.latents)
+    finally:
+        pipe.close()
+    out = tmp_path / "dci.png"
+    rc, err = run(["dci", "--concept", path, "--prompt", "a photo of a <new1> dog on grass", "--size", "32",
+                   "--steps", "3", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert Image.open(out).size == (3 * 32, 32) and "auxiliary prompt 'a photo of a dog on grass'" in err
+    rc, err = run(["dci", "--concept", path, "--prompt", "a photo of a dog on grass", "--size", "32", "--steps", "3",
+                   "--out", str(out)], capsys)
+    assert rc == 2 and "prompt: contains none of the loaded concept words" in err
+
+
+def api_dci(fraction):
+    from customedit_core.dci import DCISettings
+    return DCISettings(fraction)

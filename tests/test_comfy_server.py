@@ -27,7 +27,8 @@ FEW_STEPS = {"CustomEditNullTextInvert": {"steps": 4, "inner_steps": 2}, "KSampl
              "CustomEditReferenceKVExtract": {"steps": 4}, "CustomEditDiffEditMask": {"samples": 2},
              "CustomEditDiffEditSample": {"steps": 4},
              "CustomEditTrainConcept": {"steps": 2, "class_images_count": 1, "batch_size": 1},
-             "CustomEditSaveConcept": {"overwrite": True}}
+             "CustomEditSaveConcept": {"overwrite": True}, "CustomEditDCISample": {"steps": 4},
+             "EmptyLatentImage": {"width": 64, "height": 64}}
 
 
 def _free_port():

@@ -12,7 +12,7 @@ WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 NAMES = tuple(sorted(p.name[: -len(".json")] for p in WORKFLOWS.glob("*.json")))
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}
 # widget values the editor stores that are not node inputs: (after this input, how many)
-EXTRA_WIDGETS = {"KSampler": {"seed": 1}, "KSamplerAdvanced": {"noise_seed": 1}, "LoadImage": {"image": 1}}
+EXTRA_WIDGETS = {"KSampler": {"seed": 1}, "CustomEditDCISample": {"seed": 1}, "KSamplerAdvanced": {"noise_seed": 1}, "LoadImage": {"image": 1}}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 

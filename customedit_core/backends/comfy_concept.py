@@ -17,13 +17,24 @@ from ..errors import InputError
 from ..tokens import added_pattern
 from .comfy import WORDS_KEY, ComfyBackend
 
+CLASSES_KEY = "customedit_classes"    # beside WORDS_KEY: concept word -> class word (DCI's plain prompt)
+
 _NAME = "__customedit_{}__"
 
 
-def loaded_words(clip) -> dict:
+def _inner(clip):
     tok = getattr(clip, "tokenizer", None)
-    inner = getattr(tok, getattr(tok, "clip", ""), None)
-    return dict(getattr(inner, WORDS_KEY, {}) or {})
+    return getattr(tok, getattr(tok, "clip", ""), None)
+
+
+def loaded_words(clip) -> dict:
+    return dict(getattr(_inner(clip), WORDS_KEY, {}) or {})
+
+
+def loaded_classes(clip) -> dict:
+    """Concept word -> class word of the concepts loaded on this CLIP."""
+    classes = getattr(_inner(clip), CLASSES_KEY, {}) or {}
+    return {w: classes.get(w, "") for w in loaded_words(clip)}
 
 
 def apply_concept(model, clip, concept: Concept, strength: float = 1.0, input_name: str = "concept"):
@@ -46,6 +57,9 @@ def apply_concept(model, clip, concept: Concept, strength: float = 1.0, input_na
     words = dict(taken)
     words.update({w: v.detach().float().cpu().clone() for w, v in zip(concept.tokens, concept.embeddings)})
     setattr(inner, WORDS_KEY, words)
+    classes = dict(getattr(inner, CLASSES_KEY, {}) or {})
+    classes.update(zip(concept.tokens, concept.class_words))
+    setattr(inner, CLASSES_KEY, classes)
     if inner.embedding_directory is None:        # ComfyUI only resolves `embedding:` with a directory set
         inner.embedding_directory = []
     # bound to this copy: a copied instance attribute would still call the original's
