@@ -1,7 +1,7 @@
 """Python API for use outside ComfyUI: load a model, encode an image, invert, edit, decode.
 
     from customedit_core import api
-    pipe = api.load("path/to/sd15.safetensors")        # or a diffusers folder, or None (tiny toy model)
+    pipe = api.load("path/to/sd15.safetensors")        # or a diffusers folder, None (the toy-world model), "tiny"
     inv = pipe.invert(Image.open("cat.png"), "a photo of a cat", method="null_text")
     res = pipe.edit(inv, "a photo of a striped cat", mode="refine", blend_source_words=("cat",))
     pipe.decode(res.edited)[0].save("striped.png")
@@ -33,9 +33,12 @@ from .errors import InputError
 from .inversion import METHODS, Inversion, invert as _invert
 from .single_file import PICKLE_SUFFIXES, SUPPORTED, refuse_pickle
 
-TINY_NOTICE = ("notice: no model given, so the built-in tiny model is used: its weights are random and "
-               "untrained (a toy to check that the pipeline runs), so outputs look like noise. Pass a "
-               "diffusers-format folder or an SD1.x/SD2.x .safetensors checkpoint to edit for real.")
+TINY_NOTICE = ("notice: the built-in tiny model is used: its weights are random and untrained (a toy to check "
+               "that the pipeline runs), so outputs look like noise. Pass a diffusers-format folder or an "
+               "SD1.x/SD2.x .safetensors checkpoint to edit for real.")
+TOYWORLD_NOTICE = ("notice: no model given, so the shipped toy-world model is used (a small model trained on "
+                   "procedural scenes: '<colour> [<pattern>] <shape> on <background>', 64 px). Pass a "
+                   "diffusers-format folder or an SD1.x/SD2.x .safetensors checkpoint for real photographs.")
 
 
 def _stderr(msg: str) -> None:
@@ -49,7 +52,7 @@ class Pipeline:
     vae: object                             # diffusers AutoencoderKL
     scaling_factor: float
     source: str                             # what was loaded: a path, or "tiny"
-    family: str                             # "sd1" | "sd2" | "diffusers" | "tiny"
+    family: str                             # "sd1" | "sd2" | "diffusers" | "toyworld" | "tiny"
     notes: list = field(default_factory=list)
     log: Callable[[str], None] = _stderr
     default_size: int = 512
@@ -410,8 +413,9 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
     """Load a model for editing, fully offline.
 
     model: a diffusers-format folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/), a single
-    SD1.x/SD2.x `.safetensors` checkpoint in the original LDM layout, or None for the built-in tiny
-    toy model (random weights). device: default CUDA when available. dtype: of the UNet and text
+    SD1.x/SD2.x `.safetensors` checkpoint in the original LDM layout, None for the shipped toy-world
+    model (customedit_core/data/toyworld, trained on procedural scenes), or "tiny" for the built-in
+    tiny model with random weights (tests). device: default CUDA when available. dtype: of the UNet and text
     encoder, default float16 on CUDA and float32 on the CPU (the VAE always runs in float32).
     tokenizer: a CLIP tokenizer folder, overriding the one found with the model.
     prediction_type: "epsilon" or "v_prediction", overriding what is read or inferred.
@@ -423,7 +427,16 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise InputError("prediction_type", f"expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
     notes = []
+    family = None
     if model is None:
+        from .toyworld.model import FOLDER
+
+        if os.path.isfile(os.path.join(FOLDER, "model_index.json")):
+            log(TOYWORLD_NOTICE)
+            model, family = FOLDER, "toyworld"
+        else:
+            model = "tiny"
+    if model == "tiny":
         from .tiny import tiny_models
         log(TINY_NOTICE)
         unet, te, tok, vae = tiny_models(with_vae=True)
@@ -435,7 +448,8 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
         if os.path.isdir(model):
             unet, te, tok, vae, alphas, pred = _load_folder(model, tokenizer, log)
             pred = prediction_type or pred
-            family, size = "diffusers", 512
+            # the UNet's native size: 512 px for SD1.x, 768 for SD2.x-v, 64 for the toy-world model
+            family, size = family or "diffusers", int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
         elif os.path.isfile(model):
             unet, te, tok, vae, pred, family = _load_single_file(model, tokenizer, prediction_type, log, notes)
             alphas, size = None, 512

@@ -3,9 +3,10 @@
     python -m customedit_core edit --model sd15.safetensors --image cat.png \\
         --source "a photo of a cat" --target "a photo of a striped cat" --blend-words cat --out out.png
 
-writes one PNG: source | reconstruction | edit (| mask). Without --model the tiny built-in toy
-model is used (random weights: a smoke test, not a real edit); without --image a drawn scene
-(a red circle on grass under a blue sky) is used.
+writes one PNG: source | reconstruction | edit (| mask). Without --model the shipped toy-world
+model is used (trained on procedural scenes; `--model tiny`: random weights, a smoke test);
+without --image a scene of a red circle on grass is used (for the toy-world model a scene of its
+world, drawn by its own renderer).
 """
 from __future__ import annotations
 
@@ -16,6 +17,25 @@ import time
 
 SCENE_PROMPT = "a red circle on green grass"
 SCENE_TARGET = "a yellow circle on green grass"
+WORLD_SCENE_TARGET = "a yellow circle on grass"
+
+
+def _scene_prompts(pipe):
+    """(source, target) of the drawn scene for this model."""
+    if pipe.family == "toyworld":
+        from .toyworld.world import DEMO_SCENE
+        return DEMO_SCENE.caption(), WORLD_SCENE_TARGET
+    return SCENE_PROMPT, SCENE_TARGET
+
+
+def _scene_image(pipe, side):
+    from . import api
+
+    if pipe.family == "toyworld":
+        from .toyworld.world import DEMO_SCENE, render
+        import torch
+        return api.tensor_to_pil(torch.from_numpy(render(DEMO_SCENE, side)[0]).permute(2, 0, 1))
+    return api.demo_scene(side)
 
 
 def _window(text: str):
@@ -55,7 +75,7 @@ class _Bad(Exception):
 def _add_model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", help="diffusers-format folder or SD1.x/SD2.x .safetensors checkpoint "
-                                   "(default: the tiny built-in toy model with random weights)")
+                                   "(default: the shipped toy-world model; 'tiny': a random-weight toy for tests)")
     g.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file checkpoint (default: a "
                                        "'tokenizer' folder next to it, else CLIP's vocabulary built in)")
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
@@ -348,9 +368,9 @@ def _image_and_prompts(a, pipe, log):
         side = max(m, round(size / m) * m)
         if side != size:
             log(f"note: the drawn scene is {side} px (a multiple of {m} px, as this model needs)")
-        image = api.demo_scene(side)
-        source = a.source or SCENE_PROMPT
-        log(f"no --image: using the drawn scene (a red circle on grass), source prompt {source!r}")
+        image = _scene_image(pipe, side)
+        source = a.source or _scene_prompts(pipe)[0]
+        log(f"no --image: using the drawn scene ({_scene_prompts(pipe)[0]}), source prompt {source!r}")
     return image, source
 
 
@@ -406,7 +426,7 @@ def cmd_edit(a, log):
     settings = _settings(a)
     pipe = _load(a, log)
     image, source = _image_and_prompts(a, pipe, log)
-    targets = a.target or ([SCENE_TARGET] if not a.image else None)
+    targets = a.target or ([_scene_prompts(pipe)[1]] if not a.image else None)
     if not targets:
         raise _Bad("target", "give the edited prompt with --target")
     if not a.target:
@@ -478,7 +498,7 @@ def _begin(a, log):
         raise _Bad("target", "give the target prompt with --target")
     pipe = _load(a, log)
     image, source = _image_and_prompts(a, pipe, log)
-    return pipe, image, source, a.target or SCENE_TARGET
+    return pipe, image, source, a.target or _scene_prompts(pipe)[1]
 
 
 def cmd_diffedit(a, log):

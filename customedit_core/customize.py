@@ -33,6 +33,7 @@ from .sampling import denoise
 from .tokens import check_new_word, tokenize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRAINABLE = ("kv_token", "token")     # token: textual inversion, for comparison (Custom-Edit's ablation)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainSettings:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     ico: bool = False
+    train: str = "kv_token"          # "kv_token" (Custom Diffusion) | "token" (textual inversion: no K/V deltas)
     weight_decay: float = 1e-2
     name: str = ""
 
@@ -71,6 +73,7 @@ class TrainSettings:
         need(0 <= float(self.prior_weight) <= 100, "prior_weight", f"expected 0..100, got {self.prior_weight}")
         need(0 <= int(self.num_class_images) <= 10000, "num_class_images", f"expected 0..10000, got {self.num_class_images}")
         need(1 <= int(self.views_per_image) <= 256, "views_per_image", f"expected 1..256, got {self.views_per_image}")
+        need(self.train in TRAINABLE, "train", f"expected one of {TRAINABLE}, got {self.train!r}")
         need(self.precision in PRECISIONS, "precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
         need(not self.ico or self.template.strip(), "template", "ICO replaces the template words with learned "
                                                                "contexts, so the template must not be empty")
@@ -241,9 +244,10 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
     initial = _init_vector(backend, s.init_word)
     vector = torch.nn.Parameter(initial.clone().to(dev))
     kv = backend.kv_weights()
-    deltas = {k: torch.nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=dev)) for k, w in kv.items()}
+    deltas = {k: torch.nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=dev),
+                                    requires_grad=s.train == "kv_token") for k, w in kv.items()}
     prev = dict(backend.concept_deltas or {})
-    params = [vector] + list(deltas.values())
+    params = [vector] + (list(deltas.values()) if s.train == "kv_token" else [])
 
     tok.add_word(token, vector, "token")
     try:

@@ -41,7 +41,7 @@ def same_predictions(pipe, unet, te, tok, tol=1e-5, size=8):
 @pytest.fixture(scope="module")
 def tiny_pipe():
     msgs = []
-    pipe = api.load(None, device="cpu", log=msgs.append)
+    pipe = api.load("tiny", device="cpu", log=msgs.append)
     pipe.messages = msgs
     return pipe
 
@@ -97,7 +97,7 @@ def test_bad_model_paths_and_device(tmp_path):
         api.load(str(tmp_path), log=quiet)
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="device"):
-            api.load(None, device="cuda", log=quiet)
+            api.load("tiny", device="cuda", log=quiet)
 
 
 # --- diffusers folder ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ TGT = "a yellow circle on green grass"
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = api.load(None, device="cpu", log=lambda m: None)
+    p = api.load("tiny", device="cpu", log=lambda m: None)
     yield p
     p.close()
 

@@ -14,6 +14,8 @@ FAST = ["--steps", "4", "--inner-steps", "2"]
 
 
 def run(args, capsys):
+    if "--model" not in args:        # these test the command line's mechanics on the random tiny model
+        args = [args[0], "--model", "tiny", *args[1:]]
     rc = main(args)
     return rc, capsys.readouterr().err
 

@@ -22,6 +22,8 @@ def refs(tmp_path_factory):
 
 
 def run(args, capsys):
+    if "--model" not in args:        # these test the command line's mechanics on the random tiny model
+        args = [args[0], "--model", "tiny", *args[1:]]
     rc = main(args)
     return rc, capsys.readouterr().err
 
@@ -63,7 +65,7 @@ def test_concept_command_errors(refs, tmp_path, capsys):
 
 
 def test_python_api_train_and_load(refs):
-    pipe = api.load(None, log=lambda s: None)
+    pipe = api.load("tiny", log=lambda s: None)
     try:
         images = [Image.open(p) for p in refs]
         res = pipe.train_concept(images, "dog", steps=2, num_class_images=1, class_steps=2)
@@ -81,7 +83,7 @@ def test_python_api_train_and_load(refs):
 
 
 def test_dci_from_the_command_line_and_the_api(refs, tmp_path, capsys):
-    pipe = api.load(None, log=lambda s: None)
+    pipe = api.load("tiny", log=lambda s: None)
     try:
         res = pipe.train_concept([Image.open(p) for p in refs], "dog", steps=1, num_class_images=1, class_steps=2)
         path = C.save(res.concept, str(tmp_path / "dog.safetensors"))

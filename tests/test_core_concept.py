@@ -254,3 +254,12 @@ def test_import_of_diffusers_custom_diffusion_output(models, refs, tmp_path):
         assert "pickle" in msg and "safetensors" in msg
     finally:
         b.close()
+
+
+def test_token_only_training_is_textual_inversion(models, refs):
+    res = trained(models, refs, train="token")
+    c = res.concept
+    assert all(float(d.abs().sum()) == 0 for d in c.deltas.values())
+    assert not torch.equal(c.embeddings[0], res.initial_vector)
+    with pytest.raises(InputError, match="train: expected one of"):
+        TrainSettings(class_word="dog", train="full").check()
