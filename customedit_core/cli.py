@@ -17,7 +17,7 @@ import time
 
 SCENE_PROMPT = "a red circle on green grass"
 SCENE_TARGET = "a yellow circle on green grass"
-WORLD_SCENE_TARGET = "a yellow circle on grass"
+WORLD_SCENE_TARGET = "a blue circle on grass"
 
 
 def _scene_prompts(pipe):

@@ -40,8 +40,9 @@ def colour_of(img: np.ndarray, mask: np.ndarray) -> Optional[str]:
     return max(votes, key=votes.get) if votes else None
 
 
-def colour_mask(img: np.ndarray, colour: str, tol: float = 0.12) -> np.ndarray:
-    """Pixels within `tol` (RGB distance) of a colour or of its shade."""
+def colour_mask(img: np.ndarray, colour: str, tol: float = 0.2) -> np.ndarray:
+    """Pixels within `tol` (RMS over the channels) of a colour or of its shade; 0.2 accepts a generated
+    colour's drift and still keeps the backgrounds apart from the colours that stand out on them."""
     base = np.array(COLORS[colour])
     d = np.minimum(((img - base) ** 2).sum(-1), ((img - SHADE * base) ** 2).sum(-1))
     return d < tol ** 2 * 3
@@ -137,19 +138,31 @@ def shape_of(mask: np.ndarray) -> tuple[Optional[str], float]:
     return best, scores[best]
 
 
-def pattern_of(img: np.ndarray, obj: Obj, mask: np.ndarray, candidates=PATTERNS + HELD_OUT) -> tuple[str, dict]:
-    """(best pattern, {pattern: agreement}) of a region, rendered at the object's known geometry.
+def pattern_of(img: np.ndarray, obj: Obj, mask: np.ndarray, candidates=PATTERNS + HELD_OUT,
+               search: bool = True) -> tuple[str, dict]:
+    """(best pattern, {pattern: agreement}) of a region against each pattern drawn on the object.
 
-    A pixel is dark when it is nearer to the object's colour's shade than to the colour itself."""
+    A pixel is dark when it is nearer to the object's colour's shade than to the colour itself. With
+    `search`, each pattern is also tried at 12 other angles and 8 small shifts (a generated or edited
+    object draws its stripes at its own angle and phase) and keeps its best agreement."""
     size = img.shape[0]
     base = np.array(COLORS[obj.color])
-    dark = ((img - SHADE * base) ** 2).sum(-1) < ((img - base) ** 2).sum(-1)
-    x, y = _grid(size, 1)
-    u, v = (x - obj.cx) / obj.size, (y - obj.cy) / obj.size
     m = mask.astype(bool)
     if not m.any():
         return "plain", {}
-    scores = {p: float((_pattern(p, u, v, obj.angle)[m] == dark[m]).mean()) for p in candidates}
+    px = img[m]
+    dark = ((px - SHADE * base) ** 2).sum(-1) < ((px - base) ** 2).sum(-1)
+    x, y = _grid(size, 1)
+    u, v = (x[m] - obj.cx) / obj.size, (y[m] - obj.cy) / obj.size
+    angles = [obj.angle] + ([k * np.pi / 12 for k in range(12)] if search else [])
+    shifts = [(0.0, 0.0)] + ([(dx, dy) for dx in (-0.15, 0.0, 0.15) for dy in (-0.15, 0.0, 0.15)
+                              if dx or dy] if search else [])
+    scores = {}
+    for p in candidates:
+        if p == "plain":
+            scores[p] = float((~dark).mean())
+            continue
+        scores[p] = max(float((_pattern(p, u - dx, v - dy, a) == dark).mean()) for a in angles for dx, dy in shifts)
     return max(scores, key=scores.get), scores
 
 

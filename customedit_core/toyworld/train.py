@@ -163,6 +163,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", help="start the text encoder and UNet from an earlier run's folder")
     ap.add_argument("--vae-from", help="take the VAE of an earlier run's folder instead of training one")
     ap.add_argument("--snapshot", help="write the model so far to this folder every --snapshot-every steps")
     ap.add_argument("--snapshot-every", type=int, default=1000)
@@ -176,6 +177,11 @@ def main(argv=None):
     import tempfile
     tok = M.build_tokenizer(tempfile.mkdtemp(prefix="toyworld-tok-"))
     te, unet = M.build_text_encoder(tok).to(device), M.build_unet().to(device)
+    if a.resume:            # go on training an earlier run's text encoder and UNet (same tokenizer)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+        unet = UNet2DConditionModel.from_pretrained(a.resume, subfolder="unet").to(device)
+        te = CLIPTextModel.from_pretrained(os.path.join(a.resume, "text_encoder")).to(device)
     if a.cache and os.path.isfile(a.cache) and len(np.load(a.cache)["captions"]) == a.scenes:
         data = np.load(a.cache)
         images, captions = torch.from_numpy(data["images"]), [str(c) for c in data["captions"]]
@@ -211,7 +217,11 @@ def main(argv=None):
         snap = (write_snapshot, a.snapshot_every)
     unet_losses = train_unet(unet, te, tok, mean * scale, captions, a.unet_steps, a.batch, a.lr, device, log, g, snap)
     t3 = time.time()
-    info = dict(vars(a), out=None, cache=None, device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+    before = 0
+    if a.resume and os.path.isfile(os.path.join(a.resume, "training.json")):
+        with open(os.path.join(a.resume, "training.json")) as f:
+            before = int(json.load(f).get("unet_steps_total", 0))
+    info = dict(vars(a), out=None, cache=None, snapshot=None, resume=bool(a.resume), unet_steps_total=before + a.unet_steps, device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                 seconds=dict(render=round(t1 - t0, 1), vae=round(t2 - t1, 1), unet=round(t3 - t2, 1)),
                 scaling_factor=scale, vae_loss_last100=float(np.mean(vae_losses[-100:])),
                 unet_loss_last100=float(np.mean(unet_losses[-100:])) if unet_losses else None,

@@ -1,0 +1,531 @@
+#!/usr/bin/env python
+"""Quality of every method of the pack, measured against the toy world's ground truth.
+
+    OMP_NUM_THREADS=2 python bench/quality.py                 # the shipped toy-world model, CPU
+    python bench/quality.py --scenes 3 --steps 10 --quick      # a small subset (what the test suite runs)
+
+On a fixed set of one-object scenes (a plain object whose colour stands out from its background):
+- edits with a word: colour swap ("red" -> "blue", P2P replace) and added pattern ("red circle" ->
+  "red striped circle", P2P refine), each after every inversion (ddim, negative_prompt, direct,
+  null_text), without and with local blend (the shape word's mask); SDEdit at several strengths;
+  DiffEdit (its mask against the object's exact mask);
+- edits after a reference: SpecRef gives the object the colour and the held-out pattern ("ringed",
+  never named in a caption) of an object in another picture;
+- concepts: two concepts (a yellow ringed circle, a red ringed square), each learned from 4 pictures
+  by Custom Diffusion (K/V + token), textual inversion (token only) and full fine-tuning, then
+  Custom-Edit (P2P refine with a source-only local blend) of scenes of its class ("a blue circle on
+  grass" -> "a <new1> circle on grass");
+- DCI: "a <new1> circle on <background>" sampled plainly and with DCI, seeds fixed;
+- generation: colour, shape and background of objects drawn from trained captions.
+
+Measured from the world's rules (customedit_core/toyworld/measure.py): background PSNR outside the
+object (1 px margin), edit success (the object's colour and pattern are the target's), structure
+(IoU of the object's exact mask with the region of its colour in the result), reconstruction PSNR
+of each inversion, DiffEdit mask IoU, concept fidelity (the ringed pattern's agreement and the
+yellow colour), context (the background asked for), seconds per edit. Writes quality.json, a
+markdown table (quality.md), an image grid (grid.png) and a trade-off plot (tradeoff.png: edit
+success against background PSNR over the strength settings) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from customedit_core import api  # noqa: E402
+from customedit_core.ddim import Schedule  # noqa: E402
+from customedit_core.sampling import denoise  # noqa: E402
+from customedit_core.tokens import tokenize  # noqa: E402
+from customedit_core.toyworld import measure as Q  # noqa: E402
+from customedit_core.toyworld.world import render, sample_scene  # noqa: E402
+
+CLASH = {"green": {"grass"}, "white": {"snow"}, "blue": {"sky", "water"}, "yellow": {"sand"}}
+INVERSIONS = ("ddim", "negative_prompt", "direct", "null_text")
+CONCEPTS = (dict(shape="circle", color="yellow", pattern="ringed"), dict(shape="square", color="red", pattern="ringed"))
+
+
+# ---- scenes ----------------------------------------------------------------------------------
+
+def stands_out(colour, background):
+    return background not in CLASH.get(colour, ())
+
+
+def source_scenes(n, shape=None, avoid=()):
+    out, seed = [], 0
+    while len(out) < n:
+        s = sample_scene(seed, objects=1, held_out=False, patterns=("plain",))
+        seed += 1
+        if shape:
+            s = s.with_object(0, shape=shape)
+        o = s.objects[0]
+        if stands_out(o.color, s.background) and o.color not in avoid:
+            out.append((seed - 1, s))
+    return out
+
+
+def target_colour(scene):
+    o = scene.objects[0]
+    return next(c for c in ("blue", "red", "yellow", "green", "white") if c != o.color and stands_out(c, scene.background))
+
+
+def to_np(pil):
+    return np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def to_pil(img):
+    from PIL import Image
+    return Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+def judge(edit, src_img, target, mask):
+    o = target.objects[0]
+    colour_ok = Q.colour_of(edit, mask) == o.color
+    pattern, scores = Q.pattern_of(edit, o, mask)
+    region = Q.largest_component(Q.colour_mask(edit, o.color))
+    return dict(bg_psnr=Q.psnr(edit, src_img, ~Q.dilate(mask, 1)), success=bool(colour_ok and pattern == o.pattern),
+                colour_ok=bool(colour_ok), pattern_ok=bool(pattern == o.pattern),
+                pattern_agreement=scores.get(o.pattern, 0.0), structure_iou=Q.iou(region, mask))
+
+
+def mean_rows(rows):
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows if isinstance(r[k], (bool, int, float)) and np.isfinite(float(r[k]))]
+        if vals:
+            out[k] = float(np.mean([float(v) for v in vals]))
+    return out
+
+
+# ---- runners ---------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, pipe, steps, guidance=7.5, log=print):
+        self.pipe, self.steps, self.guidance, self.log = pipe, steps, guidance, log
+        self.inversions = {}
+
+    def encode_decode(self, img):
+        return to_np(self.pipe.decode(self.pipe.latent(to_pil(img)))[0])
+
+    def invert(self, key, img, prompt, method):
+        if (key, method) not in self.inversions:
+            t = time.perf_counter()
+            inv = self.pipe.invert(to_pil(img), prompt, steps=self.steps, guidance=self.guidance, method=method,
+                                   inner_steps=10)
+            self.inversions[(key, method)] = (inv, time.perf_counter() - t)
+        return self.inversions[(key, method)]
+
+    def p2p(self, key, img, src, tgt, method, mode, blend_words=(), source_only=False, cross=0.8, self_=0.5):
+        inv, t_inv = self.invert(key, img, src, method)
+        t = time.perf_counter()
+        res = self.pipe.edit(inv, tgt, mode=mode, cross_replace=cross, self_replace=self_,
+                             blend_source_words=tuple(blend_words),
+                             blend_target_words=() if source_only else tuple(blend_words),
+                             blend_source_only=source_only)
+        out = to_np(self.pipe.decode(res.edited)[0])
+        return out, time.perf_counter() - t + t_inv, to_np(self.pipe.decode(res.source)[0])
+
+    def sdedit(self, img, tgt, strength, seed=0):
+        b = self.pipe.backend
+        t = time.perf_counter()
+        z0 = self.pipe.latent(to_pil(img)).to(b.device)
+        sch = Schedule(b.alphas_cumprod, self.steps)
+        first = min(self.steps - 1, int(round((1 - strength) * self.steps)))
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
+        zt = sch.add_noise(z0, noise, sch.timesteps[first])
+        cond = b.encode([tokenize(b.tokenizer, tgt)])
+        null = b.encode([tokenize(b.tokenizer, "", allow_empty=True)])
+        z = denoise(b, sch, zt, cond, lambda i: null, self.guidance, first_step=first)
+        return to_np(self.pipe.decode(z)[0]), time.perf_counter() - t
+
+    def diffedit(self, img, src, tgt, ratio):
+        t = time.perf_counter()
+        m = self.pipe.diffedit_mask(to_pil(img), src, tgt, seed=0).mask
+        res = self.pipe.diffedit(to_pil(img), m, tgt, encoding_ratio=ratio, steps=self.steps, guidance=self.guidance)
+        px = torch.nn.functional.interpolate(m.float(), size=img.shape[:2], mode="nearest")[0, 0].numpy() > 0.5
+        return to_np(self.pipe.decode(res.edited)[0]), time.perf_counter() - t, px
+
+    def specref(self, key, img, src, ref_img, ref_mask, edited_words):
+        inv, t_inv = self.invert(key, img, src, "direct")
+        t = time.perf_counter()
+        bank = self.pipe.extract_reference(to_pil(ref_img), "", steps=self.steps,
+                                           mask=ref_mask.astype(np.float32))
+        res = self.pipe.specref(inv, bank, src, edited_words, threshold=0.3)
+        return to_np(self.pipe.decode(res.edited)[0]), time.perf_counter() - t + t_inv
+
+
+# ---- concept training (three ways) -------------------------------------------------------------
+
+def _plain():
+    from customedit_core.dci import DCISettings
+    return DCISettings(0.0)
+
+
+def generation_scene(k):
+    """The k-th caption of the generation check: every shape, colours that stand out."""
+    from customedit_core.toyworld.world import BACKGROUNDS, SHAPES, Obj, Scene
+
+    colours = ("red", "blue", "yellow", "white", "green")
+    while True:
+        shape, colour, bg = SHAPES[k % 4], colours[(k // 4) % 5], BACKGROUNDS[(k * 3 + k // 20) % 5]
+        if stands_out(colour, bg):
+            return Scene((Obj(shape, colour, "plain", 0.5, 0.5, 0.25),), bg, 0)
+        k += 1
+
+
+def dci_check(cp, concept, a, picture):
+    """'a <new1> <class> on <background>': concept colour and pattern, and the background asked for."""
+    from customedit_core.dci import DCISettings
+
+    out_rows = {}
+    cls, colour = concept["shape"], concept["color"]
+    for label, settings in (("plain", DCISettings(0.0)), ("DCI", DCISettings(0.3)), ("DCI lambda -1", DCISettings(0.3, -1.0))):
+        rows = []
+        for k, bg in enumerate(("sand", "snow", "grass", "water", "sky", "sand", "snow", "grass")[:a.dci_seeds]):
+            res = cp.dci(f"a <new1> {cls} on {bg}", seed=k, size=64, steps=a.steps, settings=settings)
+            out = to_np(cp.decode(res.latents)[0])
+            region = Q.generated_object(out, colour)
+            fit = Q.fit_object(region, cls, colour)
+            agree = Q.pattern_of(out, fit, region)[1].get(concept["pattern"], 0.0) if fit is not None else 0.0
+            rows.append(dict(concept_colour=bool(region.sum() >= 60), ringed_agreement=agree,
+                             context_ok=Q.background_of(out, Q.dilate(region, 1)) == bg))
+            picture[(f"DCI {label}", k)] = out
+        out_rows[label] = mean_rows(rows)
+    return out_rows
+
+
+def concept_refs(concept, n=4):
+    imgs = []
+    for k in range(n):
+        s = sample_scene(500 + k, objects=1, held_out=False).with_object(0, **concept)
+        imgs.append(render(s)[0])
+    return imgs
+
+
+def train_full(pipe, refs, class_word, steps, lr, log):
+    """Full fine-tuning of the UNet and the token's vector (DreamBooth-like; no prior term), on a copy."""
+    from customedit_core.backends.diffusers import DiffusersBackend
+    from customedit_core.customize import _init_vector, denoising_loss
+
+    b0 = pipe.backend
+    unet = copy.deepcopy(b0.unet).requires_grad_(True).train()
+    b = DiffusersBackend(unet, b0.text_encoder, b0.tokenizer.tok, alphas_cumprod=b0.alphas_cumprod, device=b0.device)
+    vec = torch.nn.Parameter(_init_vector(b, "ktn").clone())
+    b.tokenizer.add_word("<new1>", vec, "token")
+    z0 = torch.cat([pipe.latent(to_pil(r)) for r in refs]).to(b.device)
+    tok = tokenize(b.tokenizer, f"photo of a <new1> {class_word}")
+    opt = torch.optim.AdamW(list(unet.parameters()) + [vec], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        pick = torch.randint(len(refs), (2,), generator=g)
+        noise = torch.randn((2,) + tuple(z0.shape[1:]), generator=g).to(b.device)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        with b.text_grad_enabled():
+            ctx = b.encode([tok, tok])
+            loss = denoising_loss(b, z0[pick], ctx, noise, t).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    unet.requires_grad_(False).eval()
+    b.tokenizer.remove_word("<new1>")
+    b.tokenizer.add_word("<new1>", vec.detach(), "token")
+    log(f"full fine-tuning: {steps} steps, last loss {float(loss.detach()):.4f}")
+    return b
+
+
+def concept_pipeline(pipe, mode, refs, class_word, steps, lr, log):
+    """A shallow copy of the pipeline whose backend knows <new1> (trained `mode`)."""
+    from customedit_core import concept as C
+    from customedit_core.backends.diffusers import DiffusersBackend
+
+    t = time.perf_counter()
+    if mode == "full":
+        backend = train_full(pipe, refs, class_word, steps, lr * 0.1, log)
+    else:
+        res = pipe.train_concept([to_pil(r) for r in refs], class_word, steps=steps, learning_rate=lr,
+                                 num_class_images=8, class_steps=10, train=mode, views_per_image=4)
+        b0 = pipe.backend
+        backend = DiffusersBackend(b0.unet, b0.text_encoder, b0.tokenizer.tok, alphas_cumprod=b0.alphas_cumprod,
+                                   device=b0.device)
+        C.apply(backend, res.concept)
+        log(f"{mode}: {steps} steps, last loss {res.losses[-1]:.4f}")
+    p = copy.copy(pipe)
+    p.backend = backend
+    p.concepts = {"<new1>": class_word}
+    return p, time.perf_counter() - t
+
+
+# ---- drawing -----------------------------------------------------------------------------------
+
+def grid(rows, labels, path, cell=64):
+    from PIL import Image, ImageDraw
+
+    lw = 260
+    cols = max(len(r) for r in rows)
+    out = Image.new("RGB", (lw + cols * cell, len(rows) * cell), "white")
+    d = ImageDraw.Draw(out)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        d.text((4, i * cell + cell // 2 - 6), label[:44], fill=(0, 0, 0))
+        for j, img in enumerate(row):
+            out.paste(to_pil(img).resize((cell, cell)), (lw + j * cell, i * cell))
+    out.save(path)
+
+
+def tradeoff_series(table):
+    """{family: [(bg PSNR, success, setting)]}: SDEdit strength, DiffEdit encoding ratio, P2P cross-attention
+    fraction (negative-prompt inversion, local blend), each averaged over the colour and pattern edits."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for name, kinds in table.items():
+        rows = list(kinds.values())
+        if name.startswith(("SDEdit ", "DiffEdit ")):
+            groups[name.split()[0]][name.split()[1]] += rows
+        elif name.startswith("negative_prompt + P2P") and "blend" in name:
+            groups["P2P + blend (cross fraction)"][name.split()[-1] if "cross" in name else "0.8"] += rows
+    return {fam: sorted(((float(np.mean([r["bg_psnr"] for r in rows])), float(np.mean([r["success"] for r in rows])), label)
+                         for label, rows in by.items()), key=lambda p: p[0]) for fam, by in groups.items()}
+
+
+def tradeoff_plot(series, path, width=640, height=420):
+    """series: {name: [(bg_psnr, success, label), ...]} -> a PNG scatter with lines."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 150, 30, height - 40
+    pts = [p for s in series.values() for p in s if np.isfinite(p[0])]
+    x0 = min([p[0] for p in pts] + [10.0])
+    x1 = max([p[0] for p in pts] + [x0 + 1.0])
+    d.rectangle([left, top, right, bottom], outline=(150, 150, 150))
+    d.text((left, 8), "edit success vs background PSNR (over strength settings)", fill=(0, 0, 0))
+    d.text((left, bottom + 20), f"background PSNR (dB) {x0:.1f} .. {x1:.1f}", fill=(0, 0, 0))
+    d.text((4, top), "1.0", fill=(0, 0, 0))
+    d.text((4, bottom - 10), "0.0", fill=(0, 0, 0))
+    colours = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (200, 140, 20), (130, 60, 160), (60, 60, 60)]
+
+    def xy(p):
+        return (left + (right - left) * (p[0] - x0) / (x1 - x0), bottom - (bottom - top) * p[1])
+
+    for k, (name, s) in enumerate(series.items()):
+        c = colours[k % len(colours)]
+        s = [p for p in s if np.isfinite(p[0])]
+        if len(s) > 1:
+            d.line([xy(p) for p in s], fill=c, width=2)
+        for p in s:
+            x, y = xy(p)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+            d.text((x + 4, y - 12), str(p[2]), fill=c)
+        d.text((right + 10, top + 16 * k), name, fill=c)
+    img.save(path)
+
+
+# ---- the benchmark -----------------------------------------------------------------------------
+
+def run(a, log=print):
+    t_start = time.perf_counter()
+    pipe = api.load(a.model, device=a.device, log=lambda s: None)
+    bench = Bench(pipe, a.steps, log=log)
+    os.makedirs(a.out, exist_ok=True)
+    results = defaultdict(list)       # method -> per-edit rows
+    seconds = defaultdict(list)
+    recon = defaultdict(list)
+    vae_psnr = []
+    diffedit_iou = []
+    picture = {}                      # (method, scene index) -> image, for the grid
+    scenes = source_scenes(a.scenes)
+    inversions = INVERSIONS if not a.quick else ("negative_prompt", "direct")
+    for si, (seed, s) in enumerate(scenes):
+        img, masks = render(s)
+        mask = masks[0]
+        vae_psnr.append(Q.psnr(bench.encode_decode(img), img))
+        o = s.objects[0]
+        edits = {"colour": (s.with_object(0, color=target_colour(s)), "replace"),
+                 "pattern": (s.with_object(0, pattern="striped"), "refine")}
+        picture[("source", si)] = img
+        for kind, (tgt, mode) in edits.items():
+            src_p, tgt_p = s.caption(), tgt.caption()
+            picture[(f"target ({kind})", si)] = render(tgt)[0]
+            for method in inversions:
+                for blend in (False, True):
+                    name = f"{method} + P2P {mode}{' + blend' if blend else ''}"
+                    out, sec, rec = bench.p2p(seed, img, src_p, tgt_p, method, mode,
+                                              (o.shape,) if blend else ())
+                    results[(kind, name)].append(judge(out, img, tgt, mask))
+                    seconds[name].append(sec)
+                    picture[(f"{kind}: {name}", si)] = out
+                    if kind == "colour" and not blend:
+                        recon[method].append(Q.psnr(rec, img))
+            for strength in ((0.5,) if a.quick else (0.3, 0.5, 0.7, 0.9)):
+                name = f"SDEdit {strength}"
+                out, sec = bench.sdedit(img, tgt_p, strength)
+                results[(kind, name)].append(judge(out, img, tgt, mask))
+                seconds[name].append(sec)
+                picture[(f"{kind}: {name}", si)] = out
+            for ratio in ((0.7,) if a.quick else (0.5, 0.7, 0.9)):
+                name = f"DiffEdit {ratio}"
+                out, sec, m = bench.diffedit(img, src_p, tgt_p, ratio)
+                results[(kind, name)].append(judge(out, img, tgt, mask))
+                seconds[name].append(sec)
+                if ratio == 0.7:
+                    diffedit_iou.append(Q.iou(m, mask))
+                picture[(f"{kind}: {name}", si)] = out
+            if not a.quick:
+                for cross in (0.2, 0.4, 0.6):
+                    name = f"negative_prompt + P2P {mode} + blend, cross {cross}"
+                    out, sec, _ = bench.p2p(seed, img, src_p, tgt_p, "negative_prompt", mode, (o.shape,), cross=cross)
+                    results[(kind, name)].append(judge(out, img, tgt, mask))
+                    seconds[name].append(sec)
+        # SpecRef: the colour and the held-out pattern of an object in another picture
+        ref_scene = sample_scene(900 + si, objects=1, held_out=False).with_object(
+            0, shape=o.shape, color=target_colour(s), pattern="ringed")
+        ref_img, ref_masks = render(ref_scene)
+        tgt = s.with_object(0, color=ref_scene.objects[0].color, pattern="ringed")
+        out, sec = bench.specref(seed, img, s.caption(), ref_img, ref_masks[0], (o.shape,))
+        results[("reference", "SpecRef")].append(judge(out, img, tgt, mask))
+        seconds["SpecRef"].append(sec)
+        picture[("reference: the reference", si)] = ref_img
+        picture[("reference: SpecRef", si)] = out
+        log(f"scene {si + 1}/{len(scenes)} done ({time.perf_counter() - t_start:.0f} s)")
+
+    # generation from trained captions: colour and shape of the object, background
+    gen = []
+    for k in range(a.gen_samples):
+        s = generation_scene(k)
+        res = pipe.dci(s.caption(), seed=k, size=64, steps=a.steps, settings=_plain())
+        out = to_np(pipe.decode(res.latents)[0])
+        c = Q.check_generation(out, s)
+        c["background_ok"] = Q.background_of(out, Q.dilate(Q.generated_object(out, s.objects[0].color), 1)) == s.background
+        gen.append(c)
+        if k < 8:
+            picture[("generated from a caption", k)] = out
+    generation = dict(mean_rows([{k: v for k, v in g.items() if k != "shape"} for g in gen]), samples=len(gen))
+
+    # concepts: three trainings per concept, Custom-Edit of scenes of its class, DCI generation
+    concept_rows, dci_rows = {}, {}
+    if not a.no_concepts:
+        per_mode = defaultdict(list)
+        train_s = defaultdict(list)
+        for ci, concept in enumerate(CONCEPTS[:1] if a.quick else CONCEPTS):
+            refs = concept_refs(concept)
+            cls = concept["shape"]
+            scenes_c = source_scenes(a.scenes, shape=cls, avoid=(concept["color"],))
+            for mode in (("kv_token",) if a.quick else ("kv_token", "token", "full")):
+                cp, t_train = concept_pipeline(pipe, mode, refs, cls, a.concept_steps, a.concept_lr, log)
+                train_s[mode].append(t_train)
+                cb = Bench(cp, a.steps, log=log)
+                for si, (seed, s) in enumerate(scenes_c):
+                    img, masks = render(s)
+                    tgt = s.with_object(0, **concept)
+                    target_prompt = s.caption().replace(f"{s.objects[0].color} {cls}", f"<new1> {cls}")
+                    out, sec, _ = cb.p2p(("concept", seed), img, s.caption(), target_prompt, "negative_prompt",
+                                         "refine", (cls,), source_only=True)
+                    per_mode[mode].append(judge(out, img, tgt, masks[0]))
+                    picture[(f"concept {ci} {mode}: Custom-Edit", si)] = out
+                if mode == "kv_token" and ci == 0:
+                    dci_rows = dci_check(cp, concept, a, picture)
+        concept_rows = {m: dict(mean_rows(rows), train_seconds=float(np.mean(train_s[m]))) for m, rows in per_mode.items()}
+
+    # tables, plots, grid
+    table = {}
+    for (kind, name), rows in results.items():
+        table.setdefault(name, {})[kind] = mean_rows(rows)
+    report = dict(model=pipe.source, steps=a.steps, scenes=len(scenes), device=str(pipe.device),
+                  torch=torch.__version__, threads=torch.get_num_threads(),
+                  machine=platform.processor() or platform.machine(),
+                  vae_psnr=float(np.mean(vae_psnr)), reconstruction_psnr={k: float(np.mean(v)) for k, v in recon.items()},
+                  diffedit_mask_iou=float(np.mean(diffedit_iou)) if diffedit_iou else None,
+                  methods=table, seconds_per_edit={k: float(np.mean(v)) for k, v in seconds.items()},
+                  generation=generation, concepts=concept_rows, dci=dci_rows, total_seconds=round(time.perf_counter() - t_start, 1))
+    with open(os.path.join(a.out, "quality.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(a.out, "quality.md"), "w") as f:
+        f.write(markdown(report))
+    series = tradeoff_series(table)
+    tradeoff_plot(series, os.path.join(a.out, "tradeoff.png"))
+    keys = sorted({k[0] for k in picture if k[1] == 0}, key=lambda k: (not k.startswith(("source", "target")), k))
+    grid([[picture[(k, i)] for i in range(max(len(scenes), a.dci_seeds)) if (k, i) in picture] for k in keys], keys,
+         os.path.join(a.out, "grid.png"))
+    log(f"wrote {a.out}/quality.json, quality.md, grid.png, tradeoff.png in {report['total_seconds']} s")
+    return report
+
+
+def markdown(r):
+    lines = [f"Model: {r['model']}; {r['scenes']} scenes, {r['steps']} DDIM steps, guidance 7.5; "
+             f"{r['device']} ({r['threads']} threads). VAE round trip PSNR {r['vae_psnr']:.2f} dB.", "",
+             "| method | colour: success | colour: bg PSNR | colour: structure IoU | pattern: success | "
+             "pattern: bg PSNR | pattern: structure IoU | s / edit |", "|---|---|---|---|---|---|---|---|"]
+    for name, kinds in r["methods"].items():
+        c, p = kinds.get("colour"), kinds.get("pattern")
+        if not c and not p:
+            continue
+
+        def cells(k):
+            return ["-"] * 3 if not k else [f"{k['success']:.2f}", f"{k['bg_psnr']:.1f}", f"{k['structure_iou']:.2f}"]
+        lines.append("| " + " | ".join([name] + cells(c) + cells(p) + [f"{r['seconds_per_edit'].get(name, 0):.2f}"]) + " |")
+    ref = r["methods"].get("SpecRef", {}).get("reference")
+    if ref:
+        lines += ["", "| reference edit | success (colour and ringed) | colour ok | pattern ok | bg PSNR | s / edit |",
+                  "|---|---|---|---|---|---|",
+                  f"| SpecRef | {ref['success']:.2f} | {ref['colour_ok']:.2f} | {ref['pattern_ok']:.2f} | "
+                  f"{ref['bg_psnr']:.1f} | {r['seconds_per_edit'].get('SpecRef', 0):.2f} |"]
+    g = r.get("generation")
+    if g:
+        lines += ["", f"Generation from {g['samples']} trained captions ('a <colour> <shape> on <background>', one seed "
+                      f"each): colour {g['colour_ok']:.2f}, shape {g['shape_ok']:.2f} (template IoU "
+                      f"{g['shape_iou']:.2f}), background {g['background_ok']:.2f}."]
+    lines += ["", "| inversion | reconstruction PSNR (dB) |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["reconstruction_psnr"].items()]
+    if r.get("diffedit_mask_iou") is not None:
+        lines += ["", f"DiffEdit mask IoU with the object's exact mask (encoding ratio 0.7 runs): "
+                      f"{r['diffedit_mask_iou']:.2f}"]
+    if r["concepts"]:
+        lines += ["", "| concept training | Custom-Edit success (yellow and ringed) | colour ok | ringed ok | "
+                      "ringed agreement | bg PSNR | train s |", "|---|---|---|---|---|---|---|"]
+        for mode, c in r["concepts"].items():
+            lines.append(f"| {mode} | {c['success']:.2f} | {c['colour_ok']:.2f} | {c['pattern_ok']:.2f} | "
+                         f"{c['pattern_agreement']:.2f} | {c['bg_psnr']:.1f} | {c['train_seconds']:.0f} |")
+    if r["dci"]:
+        lines += ["", "| sampling '<new1> circle on <bg>' | concept colour | ringed agreement | context (background) ok |",
+                  "|---|---|---|---|"]
+        for label, d in r["dci"].items():
+            lines.append(f"| {label} | {d['concept_colour']:.2f} | {d['ringed_agreement']:.2f} | {d['context_ok']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the shipped toy-world model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--concept-steps", type=int, default=200)
+    ap.add_argument("--concept-lr", type=float, default=1e-4)
+    ap.add_argument("--dci-seeds", type=int, default=8)
+    ap.add_argument("--gen-samples", type=int, default=40, help="captions sampled for the generation check")
+    ap.add_argument("--quick", action="store_true", help="fewer settings (two inversions, one strength each)")
+    ap.add_argument("--no-concepts", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "quality"))
+    a = ap.parse_args(argv)
+    if a.model is None:
+        from customedit_core.toyworld.model import FOLDER
+        a.model = FOLDER
+    return a
+
+
+def main(argv=None):
+    run(main_args(argv))
+
+
+if __name__ == "__main__":
+    main()

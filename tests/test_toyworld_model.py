@@ -1,0 +1,86 @@
+"""The shipped toy-world model: it loads offline as the default, draws what trained captions ask for,
+edits the bundled scene from the command line, and the quality benchmark runs on a small subset."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from customedit_core import api
+from customedit_core.dci import DCISettings
+from customedit_core.toyworld import measure as Q
+from customedit_core.toyworld.model import FOLDER
+from customedit_core.toyworld.world import Obj, Scene
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# one-object captions whose colour stands out from the background
+CAPTIONS = [Scene((Obj(shape, colour, "plain", 0.5, 0.5, 0.25),), bg, 0) for shape, colour, bg in
+            (("circle", "red", "grass"), ("square", "yellow", "water"), ("triangle", "blue", "snow"),
+             ("star", "red", "sand"), ("circle", "white", "grass"), ("square", "red", "sky"),
+             ("triangle", "yellow", "grass"), ("circle", "blue", "sand"))]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = api.load(None, log=lambda m: None)
+    yield p
+    p.close()
+
+
+def test_the_default_is_the_shipped_model_and_it_is_small():
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(FOLDER) for f in fs)
+    assert size <= 25 * 2 ** 20, size
+    msgs = []
+    p = api.load(None, log=msgs.append)
+    assert p.family == "toyworld" and p.default_size == 64 and "toy-world" in msgs[0]
+    assert not any(f.endswith((".bin", ".ckpt", ".pt", ".pth")) for _, _, fs in os.walk(FOLDER) for f in fs)
+    info = json.load(open(os.path.join(FOLDER, "training.json")))
+    assert info["unet_steps"] > 0 and info["vae_steps"] > 0
+
+
+def test_generation_gets_the_colour_of_trained_captions(pipe):
+    hits = 0
+    for k, scene in enumerate(CAPTIONS):
+        res = pipe.dci(scene.caption(), seed=k, size=64, steps=25, settings=DCISettings(0.0))
+        img = np.asarray(pipe.decode(res.latents)[0], dtype=np.float32) / 255.0
+        hits += Q.check_generation(img, scene)["colour_ok"]
+    assert hits >= 6, f"{hits} of {len(CAPTIONS)} generated objects have the caption's colour"
+
+
+def test_the_first_command_of_the_readme_edits_the_bundled_scene(tmp_path):
+    out = tmp_path / "edit.png"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "customedit_core", "edit", "--out", str(out)], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    panels = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32) / 255.0
+    assert panels.shape == (64, 3 * 64, 3)
+    src, rec, edit = panels[:, :64], panels[:, 64:128], panels[:, 128:]
+    from customedit_core.toyworld.world import DEMO_SCENE, render
+    _, masks = render(DEMO_SCENE)
+    label = np.zeros((64, 64), dtype=bool)
+    label[:16, :40] = True                 # the panel names are written in the top-left corner
+    inside = masks[0] & ~label
+    assert Q.colour_of(src, inside) == "red" and Q.colour_of(edit, inside) == "blue"
+    assert Q.psnr(rec, src, ~label) > 18
+
+
+def test_quality_benchmark_runs_on_a_subset(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import quality
+
+    report = quality.run(quality.main_args(["--model", FOLDER, "--scenes", "1", "--steps", "6", "--quick",
+                                            "--concept-steps", "4", "--dci-seeds", "2", "--gen-samples", "2", "--out", str(tmp_path)]),
+                         log=lambda m: None)
+    for name in ("quality.json", "quality.md", "grid.png", "tradeoff.png"):
+        assert (tmp_path / name).is_file()
+    assert set(report["reconstruction_psnr"]) == {"negative_prompt", "direct"}
+    assert report["reconstruction_psnr"]["direct"] > 15
+    assert 0.0 <= report["diffedit_mask_iou"] <= 1.0
+    assert {"kv_token"} == set(report["concepts"]) and {"plain", "DCI", "DCI lambda -1"} == set(report["dci"])
+    assert torch.isfinite(torch.tensor(report["vae_psnr"]))
