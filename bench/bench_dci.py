@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from bench_engine import Meter, sd15_shaped  # noqa: E402
+from bench_engine import Meter, sd15_shaped, write_json  # noqa: E402
 
 PROMPT = "a photo of a <new1> dog on the grass"
 
@@ -116,10 +116,7 @@ def main(argv=None):
                 gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None, results=results)
     out = a.out or os.path.join(ROOT, "bench", "results",
                                 f"dci-{'sd15' if a.sd15_shapes else 'tiny'}-{a.size}-{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(info, f, indent=1)
-    print("wrote", out)
+    print("wrote", write_json(out, info))
 
 
 if __name__ == "__main__":

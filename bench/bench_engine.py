@@ -252,6 +252,20 @@ def setup(a, sd15_cpu_size: int):
     return pipe, label, device, dtype, steps, max(m, size // m * m), load_s
 
 
+def write_json(out: str, result: dict) -> str:
+    """Write a result file atomically (a finished JSON or nothing); returns its path."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
 def print_table(rows):
     print(f"{'run':<26}{'seconds':>10}{'x DDIM':>9}{'peak MiB':>11}{'x DDIM':>9}")
     for name, r in rows.items():
@@ -346,9 +360,7 @@ def main(argv=None):
     }
     out = a.out or os.path.join(ROOT, "bench", "results",
                                 f"engine-{label}-{device.type}-{size}px-{steps}st.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(out, result)
     print(f"{result['model']} on {result['device']} ({result['device_name']}, {result['threads']} threads, "
           f"{result['dtype']}), {size}px, {steps} steps, guidance {a.guidance}, null-text inner steps "
           f"{a.inner_steps}")

@@ -18,7 +18,6 @@ formula is checked against the bank measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from bench_engine import Meter, add_model_args, print_table, setup, timed  # noqa: E402
+from bench_engine import Meter, add_model_args, print_table, setup, timed, write_json  # noqa: E402
 
 SOURCE = "a red circle on green grass"
 TARGET = "a yellow circle on green grass"
@@ -141,9 +140,7 @@ def main(argv=None):
                  "at_512px_50_steps_levels_0_1_steps_4_to_49": bank_512},
     }
     out = a.out or os.path.join(ROOT, "bench", "results", f"specref_diffedit-{label}-{device.type}-{size}px-{steps}st.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(out, result)
     print(f"{result['model']} on {result['device']} ({result['device_name']}, {result['threads']} threads, "
           f"{result['dtype']}), {size}px, {steps} steps, guidance {a.guidance}, DiffEdit samples {a.samples}")
     print(f"memory: {meter.method}")

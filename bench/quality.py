@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -39,10 +38,12 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_engine import write_json  # noqa: E402
 from customedit_core import api  # noqa: E402
 from customedit_core.ddim import Schedule  # noqa: E402
 from customedit_core.sampling import denoise  # noqa: E402
@@ -447,8 +448,7 @@ def run(a, log=print):
                   diffedit_mask_iou=float(np.mean(diffedit_iou)) if diffedit_iou else None,
                   methods=table, seconds_per_edit={k: float(np.mean(v)) for k, v in seconds.items()},
                   generation=generation, concepts=concept_rows, dci=dci_rows, total_seconds=round(time.perf_counter() - t_start, 1))
-    with open(os.path.join(a.out, "quality.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(os.path.join(a.out, "quality.json"), report)
     with open(os.path.join(a.out, "quality.md"), "w") as f:
         f.write(markdown(report))
     series = tradeoff_series(table)
