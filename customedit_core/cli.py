@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--balance", type=float, default=0.0, help="lambda: > 0 favours the concept, < 0 the context")
     g.add_argument("--negative", default="", help="negative prompt (not with --image)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--size", type=int, help="side in px (default: 512, or 128 for the tiny model); with --image "
-                                            "its longer side")
+    g.add_argument("--size", type=int, help="side in px (default: the model's native size: 512 for SD1.x, 64 for "
+                                            "the toy-world model); with --image its longer side")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--image", help="edit this image from its inversion instead of sampling from noise")
@@ -369,8 +369,9 @@ def _image_and_prompts(a, pipe, log):
         if side != size:
             log(f"note: the drawn scene is {side} px (a multiple of {m} px, as this model needs)")
         image = _scene_image(pipe, side)
-        source = a.source or _scene_prompts(pipe)[0]
-        log(f"no --image: using the drawn scene ({_scene_prompts(pipe)[0]}), source prompt {source!r}")
+        scene = _scene_prompts(pipe)[0]
+        source = a.source or scene
+        log(f"no --image: using the drawn scene ({scene}), source prompt {source!r}")
     return image, source
 
 

@@ -127,8 +127,7 @@ class Integrate(Controller):
 
     def __init__(self, batch: int, concept_pos, context_pos, until: int, settings: DCISettings, latent_hw):
         self.B, self.until, self.s = batch, until, settings
-        self.concept_pos = torch.tensor(concept_pos)
-        self.context_pos = torch.tensor(context_pos)
+        self.positions = (torch.tensor(concept_pos), torch.tensor(context_pos))
         self.latent_hw = latent_hw
         self._w: Optional[torch.Tensor] = None
         self.weight_sum: Optional[torch.Tensor] = None
@@ -143,8 +142,10 @@ class Integrate(Controller):
     def probs(self, p, site):
         rows = p[site.layout.cond]                       # [2B, heads, N, L]
         pc, pa = rows[:self.B], rows[self.B:]
-        a_c = pc[..., self.concept_pos.to(p.device)].sum(-1).mean(1)     # [B, N]
-        a_x = pa[..., self.context_pos.to(p.device)].sum(-1).mean(1)
+        if self.positions[0].device != p.device:       # moved once, not in every layer of every step
+            self.positions = tuple(x.to(p.device) for x in self.positions)
+        a_c = pc[..., self.positions[0]].sum(-1).mean(1)     # [B, N]
+        a_x = pa[..., self.positions[1]].sum(-1).mean(1)
         logit = (_peak_normalised(a_c) - _peak_normalised(a_x)) / self.s.temperature + self.s.balance
         self._w = torch.sigmoid(logit)
         self._record(self._w, site)
@@ -163,12 +164,12 @@ class Integrate(Controller):
 
     def _record(self, w, site):
         grid = w.detach().float().reshape(self.B, 1, site.height, site.width)
-        grid = F.interpolate(grid, size=self.latent_hw, mode="bilinear", align_corners=False).cpu()
+        grid = F.interpolate(grid, size=self.latent_hw, mode="bilinear", align_corners=False)   # stays on the device
         self.weight_sum = grid if self.weight_sum is None else self.weight_sum + grid
         self.layers += 1
 
     def mean_weights(self) -> Optional[torch.Tensor]:
-        return None if self.weight_sum is None else self.weight_sum / self.layers
+        return None if self.weight_sum is None else (self.weight_sum / self.layers).cpu()
 
 
 # ---- sampling ------------------------------------------------------------------------------

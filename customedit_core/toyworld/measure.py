@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -166,12 +167,17 @@ def pattern_of(img: np.ndarray, obj: Obj, mask: np.ndarray, candidates=PATTERNS 
     return max(scores, key=scores.get), scores
 
 
+@lru_cache(maxsize=None)
+def _background_means(size: int) -> dict:
+    x, y = _grid(size, 1)
+    return {b: _background(b, x, y, 0).reshape(-1, 3).mean(0) for b in BACKGROUNDS}
+
+
 def background_of(img: np.ndarray, objects_mask: np.ndarray) -> str:
     """The background whose mean colour is nearest to the image's outside the objects."""
     keep = ~objects_mask.astype(bool)
     mean = img[keep].mean(0) if keep.any() else img.reshape(-1, 3).mean(0)
-    x, y = _grid(img.shape[0], 1)
-    refs = {b: _background(b, x, y, 0).reshape(-1, 3).mean(0) for b in BACKGROUNDS}
+    refs = _background_means(img.shape[0])
     return min(refs, key=lambda b: ((refs[b] - mean) ** 2).sum())
 
 

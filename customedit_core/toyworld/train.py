@@ -196,7 +196,8 @@ def main(argv=None):
     if a.vae_from:
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(a.vae_from, subfolder="vae").to(device).eval()
-        vae_losses = json.load(open(os.path.join(a.vae_from, "training.json"))).get("vae_losses", [0.0])
+        with open(os.path.join(a.vae_from, "training.json")) as f:
+            vae_losses = json.load(f).get("vae_losses", [0.0])
     else:
         vae = M.build_vae().to(device)
         vae_losses = train_vae(vae, images, a.vae_steps, a.vae_batch, a.vae_lr, device, log, g)

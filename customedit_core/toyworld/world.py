@@ -186,8 +186,3 @@ def render(scene: Scene, size: int = 64, supersample: int = 4):
         np.zeros((0, size, size), dtype=bool)
     return img, masks
 
-
-def scene_batch(seeds: Sequence[int], size: int = 64):
-    """(images [N, size, size, 3] float32, captions) of the scenes of these seeds."""
-    scenes = [sample_scene(s) for s in seeds]
-    return np.stack([render(s, size)[0] for s in scenes]), [s.caption() for s in scenes]
