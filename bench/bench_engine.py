@@ -132,59 +132,25 @@ def _rss_kb_fallback() -> int:
 
 
 # --- models -------------------------------------------------------------------------------
-def sd15_shaped(device, dtype):
-    """SD1.5-sized random-weight UNet, CLIP-L-sized text encoder (tiny tokenizer) and SD KL VAE."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def sd15_shaped(device, dtype, family: str = "sd15"):
+    """Random weights at SD1.5's (or SD2.x's) exact shapes: UNet, CLIP text encoder with CLIP's real
+    49,408-token tokenizer, SD KL VAE (testmodels/real_shapes.py)."""
+    from testmodels import real_shapes
 
-    from customedit_core.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-        te = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512)
-    g = torch.Generator().manual_seed(0)
-    for m in (unet, te, vae):
-        m.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, p in list(m.named_parameters()) + list(m.named_buffers()):
-                if name.endswith("position_ids"):
-                    p.copy_(torch.arange(p.shape[-1]).expand_as(p))
-                elif p.dim() >= 2:
-                    fan_in = p[0].numel()
-                    p.normal_(0, fan_in ** -0.5, generator=g)
-                elif "norm" in name and name.endswith("weight"):
-                    p.fill_(1.0)
-                else:
-                    p.zero_()
-        with torch.no_grad():   # random UNets predict O(1) noise; keep it in a trained model's range
-            if m is unet:
-                m.conv_out.weight.mul_(0.1)
     from customedit_core import api
     from customedit_core.backends.diffusers import DiffusersBackend
 
-    for m in (unet, te, vae):
-        m.requires_grad_(False).eval()
+    unet, te, tok, vae = real_shapes.build(family)
+    te = real_shapes.text_encoder_for_conditioning(family, te)
     for m, dt in ((unet, dtype), (te, dtype), (vae, torch.float32)):
         m.to(device)
         if next(m.parameters()).dtype != dt:
             m.to(dt)
-    backend = DiffusersBackend(unet, te, tok, device=device, dtype=dtype)
+    backend = DiffusersBackend(unet, te, tok, prediction_type=real_shapes.PREDICTION[family], device=device, dtype=dtype)
     backend.vae_scale = 8
     n = sum(p.numel() for p in unet.parameters())
-    return api.Pipeline(backend, vae, 0.18215, f"sd15-shapes (random weights, UNet {n / 1e6:.0f}M params)",
-                        "sd15-shapes", log=lambda s: None)
+    return api.Pipeline(backend, vae, 0.18215, f"{family}-shapes (random weights, UNet {n / 1e6:.0f}M params)",
+                        f"{family}-shapes", log=lambda s: None)
 
 
 # --- runs ---------------------------------------------------------------------------------

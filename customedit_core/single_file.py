@@ -259,20 +259,20 @@ def inspect_checkpoint(path: str, requested_prediction: Optional[str] = None,
     return Checkpoint(path, family, uc, tc, vc, pt, note, sd, metadata)
 
 
-def _check_fit(own: dict, state: dict, part: str, input_name: str, ignore=()):
-    """The converted weights must match the module built from the inferred config, key for key."""
+def _check_fit(own: dict, state: dict, part: str, input_name: str, ignore=()) -> dict:
+    """Every weight of the module built from the inferred config must be in the converted state with
+    its shape; returns the state without the keys the module does not use (e.g. the
+    `text_projection` that ComfyUI's checkpoint savers and many merges write), which are harmless."""
     missing = [k for k in own if k not in state and not any(k.endswith(s) for s in ignore)]
-    unexpected = [k for k in state if k not in own]
     bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
+    if missing or bad:
         raise InputError(input_name, f"the checkpoint's {part} does not fit the layout inferred from it "
-                                     f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}); "
-                                     f"{SUPPORTED}")
+                                     f"(missing {missing[:3]}, wrong shape {bad[:3]}); {SUPPORTED}")
+    return {k: v for k, v in state.items() if k in own}
 
 
 def _load_into(module, state: dict, part: str, input_name: str, ignore=()):
-    _check_fit(module.state_dict(), state, part, input_name, ignore)
-    module.load_state_dict({k: v for k, v in state.items()}, strict=False)
+    module.load_state_dict(_check_fit(module.state_dict(), state, part, input_name, ignore), strict=False)
     return module
 
 
@@ -283,7 +283,7 @@ def build_unet(ck: Checkpoint, input_name: str = "model"):
     state = convert_ldm_unet_checkpoint(ck.state_dict, dict(ck.unet_config))
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ck.unet_config)
-    _check_fit(unet.state_dict(), state, "UNet", input_name)
+    state = _check_fit(unet.state_dict(), state, "UNet", input_name)
     unet.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in list(unet.parameters()) + list(unet.buffers())):   # a buffer not in the file
         unet = UNet2DConditionModel(**ck.unet_config)

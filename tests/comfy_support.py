@@ -63,6 +63,26 @@ def tiny_checkpoint(root: Path) -> Path:
     return out
 
 
+REAL_SHAPES_NAMES = {"sd15": "customedit_sd15_shapes.safetensors", "sd2": "customedit_sd2_shapes.safetensors"}
+
+
+def checkpoint(root: Path, shapes: str) -> str:
+    """The checkpoint name (under root/checkpoints) of a model tier: "tiny" (the shared generator's
+    2-level SD1.x UNet), or "sd15" / "sd2" (random weights at those models' exact shapes, written by
+    testmodels.real_shapes in a subprocess, so this process never holds the diffusers copy)."""
+    if shapes == "tiny":
+        tiny_checkpoint(root)
+        return CKPT_NAME
+    out = root / "checkpoints" / REAL_SHAPES_NAMES[shapes]
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+               "PYTHONPATH": str(PACK_DIR)}
+        subprocess.run([sys.executable, "-m", "testmodels.real_shapes", "--family", shapes, "--out", str(out)],
+                       check=True, env=env, timeout=900, capture_output=True, cwd=str(PACK_DIR))
+    return out.name
+
+
 def custom_nodes_dir(root: Path) -> Path:
     """root/custom_nodes holding a link named `customedit` to this pack."""
     d = root / "custom_nodes"
@@ -126,7 +146,11 @@ def pack_module(nodes, suffix: str):
     """A module of the pack as ComfyUI imported it (its own copy, under a path-derived name)."""
     mod = sys.modules[nodes.NODE_CLASS_MAPPINGS["CustomEditP2PEdit"].__module__]
     prefix = mod.__name__[: -len(".nodes.edit")]
-    return sys.modules[f"{prefix}.{suffix}"] if suffix else sys.modules[prefix]
+    if not suffix:
+        return sys.modules[prefix]
+    import importlib
+
+    return importlib.import_module(f"{prefix}.{suffix}")     # imported on first use (e.g. the diffusers backend)
 
 
 class ServerStub:

@@ -10,7 +10,7 @@ from customedit_core import api
 from customedit_core.backends.diffusers import DiffusersBackend
 from customedit_core.errors import InputError
 from customedit_core.tokens import tokenize
-from ldm_layout import save_diffusers_folder, tiny_checkpoint
+from testmodels.ldm_layout import save_diffusers_folder, tiny_checkpoint
 
 PROMPT = "a photo of a cat on grass"
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from customedit_core.cli import main
-from ldm_layout import tiny_checkpoint
+from testmodels.ldm_layout import tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "4", "--inner-steps", "2"]

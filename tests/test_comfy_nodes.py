@@ -137,6 +137,24 @@ def test_backend_schedule_tokenizer_and_fingerprint(comfy, models):
     assert not model.patches          # add_patches went to the clone only
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fingerprint_of_weights_loaded_in_any_dtype(comfy, models, dtype):
+    """ComfyUI's loaders keep UNet weights in the dtype asked for (UNETLoader's weight_dtype, fp8
+    included); the fingerprint samples their bits without converting whole tensors."""
+    import folder_paths
+    from comfy.sd import load_checkpoint_guess_config
+
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    path = folder_paths.get_full_path("checkpoints", S.CKPT_NAME)
+    with torch.inference_mode():
+        model = load_checkpoint_guess_config(path, output_vae=False, model_options={"dtype": dtype})[0]
+    weights = [p for p in model.model.diffusion_model.parameters() if p.dim() == 4]
+    assert weights and all(p.dtype == dtype for p in weights)
+    fp = cb.ComfyBackend(model, models[1]).fingerprint()
+    assert fp == cb.ComfyBackend(model.clone(), models[1]).fingerprint()
+    assert fp != cb.ComfyBackend(models[0], models[1]).fingerprint()
+
+
 def test_v_prediction_is_converted_to_eps(comfy, models):
     """Same network, v-prediction sampling: eps = sqrt(a) * v + sqrt(1 - a) * z."""
     cb = S.pack_module(comfy, "customedit_core.backends.comfy")

@@ -99,3 +99,13 @@ def test_sdedit_uses_the_hosts_sampler_only():
     assert not any(n["class_type"].startswith("CustomEdit") for n in api.values())
     (ks,) = [n for n in api.values() if n["class_type"] == "KSampler"]
     assert ks["inputs"]["denoise"] == 0.6
+
+
+def test_every_node_is_in_some_api_workflow():
+    """The server test runs every API workflow (at every model tier), so together they run every node."""
+    import re
+
+    nodes_dir = WORKFLOWS.parent / "nodes"
+    ids = {m for f in nodes_dir.glob("*.py") for m in re.findall(r'node_id="(CustomEdit\w+)"', f.read_text())}
+    used = {n["class_type"] for name in NAMES for n in load(name)[1].values()}
+    assert ids and not ids - used, sorted(ids - used)

@@ -13,12 +13,12 @@ eps = (x - denoised) / sigma, which holds for eps- and v-prediction alike.
 
 Host quirk: ComfyUI runs nodes under `torch.inference_mode()` and its weights are
 inference tensors. Call the core inside `core_context()` (inference mode off, no grad), so
-the tensors the core makes are ordinary ones; `grad_enabled()` then adds weight
-wrappers to our clone that hand the ops a fresh (non-inference) copy of each weight, as
-ComfyUI's own trainer does, so autograd can reach the text embedding. The wrappers go on our
-clone the first time autograd is asked for (one reload of the model) and stay for the rest of
-that backend's life: switching between two clones at every timestep would make ComfyUI move
-the whole model to the offload device and back each time.
+the tensors the core makes are ordinary ones; `grad_enabled()` then adds object patches to our
+clone's layers that hand their ops ordinary tensors over the weights' memory while autograd is
+on (comfy_autograd.py), so autograd can reach the text embedding without copying a weight. They
+go on our clone the first time autograd is asked for (one reload of the model) and stay for the
+rest of that backend's life: switching between two clones at every timestep would make ComfyUI
+move the whole model to the offload device and back each time.
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import fingerprint as digests
 from ..attention import Site
 from ..errors import InputError
 from ..tokens import AddedWords, PromptTokens
 from .base import Backend, input_vectors, wants_grad
+from .comfy_autograd import add_alias_forwards
 
 HOOK_KEY = "customedit_hook"
 WORDS_KEY = "customedit_words"      # on a CLIP's SDTokenizer: concept word -> input vector (LoadConcept)
@@ -51,22 +53,6 @@ def core_context():
 
 def _identity(t):
     return t
-
-
-def _fresh(t):
-    # Weight wrapper while autograd is wanted: a tensor autograd may save for backward.
-    return t.clone() if t.is_inference() else t
-
-
-def _add_fresh_wrappers(patcher):
-    """Every weight and bias of the patcher's model reaches the ops as a non-inference copy."""
-    for n, m in patcher.model.named_modules():
-        if not hasattr(m, "weight_function"):
-            continue
-        if getattr(m, "weight", None) is not None:
-            patcher.add_weight_wrapper(f"{n}.weight", _fresh)
-        if getattr(m, "bias", None) is not None:
-            patcher.add_weight_wrapper(f"{n}.bias", _fresh)
 
 
 class ComfyTokenizer(AddedWords):
@@ -129,11 +115,7 @@ def _digest(h, obj, depth=0):
     if depth > 6:
         return
     if isinstance(obj, torch.Tensor):
-        flat = obj.detach().flatten()
-        h.update(f"T{tuple(obj.shape)}{obj.dtype}".encode())
-        if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 32)).long().to(flat.device)
-            h.update(flat[idx].float().cpu().numpy().tobytes())
+        digests.update(h, obj)
     elif isinstance(obj, (list, tuple)):
         h.update(f"L{len(obj)}".encode())
         for x in obj:
@@ -207,7 +189,7 @@ class ComfyBackend(Backend):
         self._grad = 0
         self._deltas = None             # live K/V deltas (training): weight wrappers read them
         self._kv_wrapped = False
-        self._text_clip = None          # CLIP clone with autograd weight wrappers (training)
+        self._text_clip = None          # CLIP clone with the autograd object patches (training)
         self._checkpointing = False
 
     # ---- attention -------------------------------------------------------------------------
@@ -334,7 +316,7 @@ class ComfyBackend(Backend):
         """A clone of the CLIP whose weights reach the ops as ordinary tensors (autograd to inputs)."""
         if self._text_clip is None:
             c = self.clip.clone()
-            _add_fresh_wrappers(c.patcher)
+            add_alias_forwards(c.patcher)
             self._text_clip = c
         return self._text_clip
 
@@ -424,12 +406,13 @@ class ComfyBackend(Backend):
             self._loaded = True
 
     def _enable_autograd_weights(self):
-        """Weight wrappers on our clone: every weight reaches the ops as a non-inference copy."""
+        """Object patches on our clone: with autograd on, every layer's op sees ordinary tensors
+        over the weights' memory (comfy_autograd.py)."""
         if self._autograd_weights:
             return
-        _add_fresh_wrappers(self.patcher)
+        add_alias_forwards(self.patcher)
         self._autograd_weights = True
-        self._loaded = False       # new patches uuid: the next call reloads the model with the wrappers
+        self._loaded = False       # the next call reloads our clone, which applies the object patches
 
 
 def _replacement(name: str, kind: str, place: str, prev=None):

@@ -1,0 +1,130 @@
+"""Cross-backend parity: one checkpoint file, loaded by ComfyUI's CheckpointLoaderSimple (ComfyBackend)
+and by the pack's single-file loader (DiffusersBackend), gives the same text embeddings, noise
+prediction, inversion trajectories and edit latents, within the host's precision.
+
+Tiers: "tiny" (the shared generator's 2-level SD1.x UNet with CLIP-L) always runs with COMFYUI_DIR;
+"sd15" and "sd2" (random weights at SD1.5's and SD2.x-768-v's exact shapes, 2 GB files generated at
+test time) are the real-shapes tier (`CUSTOMEDIT_REAL_SHAPES=1` or `-m realshapes`).
+
+ComfyUI keeps the CPU text encoder's weights in fp16 (model_management.text_encoder_dtype), so text
+embeddings agree to ~1e-3 relative; the UNets both compute in fp32, so one noise prediction from the
+same embedding agrees to float error, and whole walks agree to the embeddings' precision.
+
+  COMFYUI_DIR=/tmp/comfyui OMP_NUM_THREADS=2 /tmp/comfy-venv/bin/python -m pytest tests/test_comfy_parity.py
+"""
+import comfy_support as S
+
+S.skip_unless_comfy()
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+STEPS = 4
+SOURCE = "a photo of a cat sitting on the grass"
+TARGET = "a photo of a striped cat sitting on the grass"
+PROMPTS = (SOURCE, "", "a watercolor painting of a red house by the lake, golden hour")
+TIERS = [pytest.param("tiny", id="tiny"),
+         pytest.param("sd15", id="sd15", marks=pytest.mark.realshapes),
+         pytest.param("sd2", id="sd2", marks=pytest.mark.realshapes)]
+# relative tolerances (RMS of the difference / RMS of the reference): text through ComfyUI's fp16 CLIP
+TEXT_TOL, EPS_TOL, WALK_TOL = 3e-3, 1e-4, 2e-2
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+def report(tier, what, value):
+    print(f"parity[{tier}] {what}: {value:.2e}")      # shown with -s / -rP: the measured agreement
+    return value
+
+
+@pytest.fixture(scope="module", params=TIERS)
+def pair(request, comfy, root):
+    """(tier, ComfyBackend, DiffusersBackend, the pack modules as ComfyUI imported them) on one file."""
+    import folder_paths
+
+    tier = request.param
+    name = S.checkpoint(root, tier)
+    cb = S.pack_module(comfy, "customedit_core.backends.comfy")
+    db = S.pack_module(comfy, "customedit_core.backends.diffusers")
+    sf = S.pack_module(comfy, "customedit_core.single_file")
+    vocab = S.pack_module(comfy, "customedit_core.clip_vocab")
+    with torch.inference_mode():
+        model, clip, _ = comfy.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+    comfy_b = cb.ComfyBackend(model, clip)
+    # the pack's own single-file loader on the same file (UNet + text encoder; the tiny tier's TAESD
+    # VAE is not an SD VAE, and parity needs no VAE)
+    path = folder_paths.get_full_path("checkpoints", name)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    sd = load_file(path)               # (sf.read refuses the tiny tier's TAESD-only file)
+    family = "sd2" if any(k.startswith(sf.SD2_TEXT) for k in sd) else "sd1"
+    pred, note = sf.prediction_type(sd, meta, family)
+    ck = sf.Checkpoint(path, family, sf.unet_config(sd, family), sf.text_config(sd, family), {}, pred, note, sd, meta)
+    tok = vocab.clip_tokenizer("!" if family == "sd2" else "<|endoftext|>")
+    unet, te = sf.build_unet(ck).requires_grad_(False), sf.build_text_encoder(ck, tok).requires_grad_(False)
+    sd.clear()
+    diff_b = db.DiffusersBackend(unet, te, tok, prediction_type=pred)
+    mods = {k: S.pack_module(comfy, f"customedit_core.{k}") for k in ("tokens", "inversion", "edit")}
+    mods["cb"] = cb
+    yield tier, comfy_b, diff_b, mods
+    diff_b.close()
+    del comfy_b, diff_b, unet, te, model, clip
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    gc.collect()
+
+
+def test_tokens_and_text_embeddings_agree(pair):
+    tier, c, d, m = pair
+    tokenize = m["tokens"].tokenize
+    for prompt in PROMPTS:
+        tc = tokenize(c.tokenizer, prompt, allow_empty=True)
+        td = tokenize(d.tokenizer, prompt, allow_empty=True)
+        assert list(tc.ids) == list(td.ids), prompt            # ComfyUI's tokenizer files vs the vendored BPE
+        with m["cb"].core_context():
+            ec, ed = c.encode([tc]), d.encode([td])
+        assert ec.shape == ed.shape
+        assert report(tier, f"text {prompt[:20]!r}", rel(ec, ed)) < TEXT_TOL, (tier, prompt)
+
+
+def test_noise_prediction_agrees(pair):
+    tier, c, d, m = pair
+    tokens = m["tokens"].tokenize(d.tokenizer, SOURCE)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    with m["cb"].core_context():
+        ctx = d.encode([tokens]).expand(2, -1, -1)             # the same embedding into both UNets
+        for t in (981, 501, 21):
+            ec, ed = c.predict_eps(z, t, ctx), d.predict_eps(z, t, ctx)
+            assert report(tier, f"eps t={t}", rel(ec, ed)) < EPS_TOL, (tier, t)
+
+
+@pytest.mark.parametrize("method", ["ddim", "negative_prompt", "direct", "null_text"])
+def test_inversion_and_edit_agree(pair, method):
+    tier, c, d, m = pair
+    inversion, edit = m["inversion"], m["edit"]
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.8
+    out = {}
+    with m["cb"].core_context():
+        for name, b in (("comfy", c), ("diffusers", d)):
+            inv = inversion.invert(b, z0, SOURCE, steps=STEPS, guidance=7.5, method=method, inner_steps=2)
+            res = edit.p2p_edit(b, inv, TARGET, edit.P2PSettings(mode="refine"))
+            out[name] = inv, res
+    (ic, rc), (id_, rd) = out["comfy"], out["diffusers"]
+    worst = max(rel(a, b) for a, b in zip(ic.latents, id_.latents))
+    assert report(tier, f"{method} inverted latents (worst step)", worst) < WALK_TOL, (tier, method)
+    if ic.reconstruction is not None:
+        assert rel(ic.reconstruction, id_.reconstruction) < WALK_TOL, (tier, method, "reconstruction")
+    assert report(tier, f"{method} P2P refine edit", rel(rc.edited, rd.edited)) < WALK_TOL, (tier, method)
+    assert rel(rc.source, rd.source) < WALK_TOL, (tier, method, "source branch")
+    # the edit changed something (otherwise agreement would say nothing)
+    assert rel(rd.edited, rd.source) > 10 * rel(rc.edited, rd.edited)
