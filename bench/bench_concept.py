@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from bench_engine import Meter, sd15_shaped, write_json  # noqa: E402
+from bench_engine import Meter, real_shaped, write_json  # noqa: E402
 
 
 def tiny_pipeline(device):
@@ -56,7 +56,7 @@ def main(argv=None):
     device = torch.device(a.device)
     torch.manual_seed(0)
     if a.sd15_shapes:
-        pipe = sd15_shaped(device, torch.float32)
+        pipe = real_shaped(device, torch.float32)
         backend, vae, scale, label = pipe.backend, pipe.vae, pipe.scaling_factor, pipe.source
     else:
         backend, vae, scale, label = tiny_pipeline(device)

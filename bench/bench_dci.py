@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from bench_engine import Meter, sd15_shaped, write_json  # noqa: E402
+from bench_engine import Meter, real_shaped, write_json  # noqa: E402
 
 PROMPT = "a photo of a <new1> dog on the grass"
 
@@ -73,7 +73,7 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, None: None}[a.dtype]
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if a.sd15_shapes:
-        pipe = sd15_shaped(device, dtype)
+        pipe = real_shaped(device, dtype)
         backend, label = pipe.backend, pipe.source
     else:
         backend, label = tiny_backend(device)

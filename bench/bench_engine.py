@@ -132,7 +132,7 @@ def _rss_kb_fallback() -> int:
 
 
 # --- models -------------------------------------------------------------------------------
-def sd15_shaped(device, dtype, family: str = "sd15"):
+def real_shaped(device, dtype, family: str = "sd15"):
     """Random weights at SD1.5's (or SD2.x's) exact shapes: UNet, CLIP text encoder with CLIP's real
     49,408-token tokenizer, SD KL VAE (testmodels/real_shapes.py)."""
     from testmodels import real_shapes
@@ -178,10 +178,11 @@ def _timed_once(meter, device, fn):
 # --- shared by the bench scripts -------------------------------------------------------------
 def add_model_args(ap, sd15_cpu_size: int):
     ap.add_argument("--model", help="diffusers folder or SD1.x/SD2.x .safetensors (default: the tiny model)")
-    ap.add_argument("--sd15-shapes", action="store_true", help="SD1.5-sized random weights built from configs")
+    ap.add_argument("--sd15-shapes", action="store_true", help="random weights at SD1.5's exact shapes")
+    ap.add_argument("--sd2-shapes", action="store_true", help="random weights at SD2.x-768-v's exact shapes")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50 on cuda, 10 on cpu)")
     ap.add_argument("--size", type=int, default=None, help="image side in px (default: 512 on cuda; on cpu "
-                                                           f"{sd15_cpu_size} for --sd15-shapes, 64 for tiny)")
+                                                           f"{sd15_cpu_size} for --sd15/sd2-shapes, 64 for tiny)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
@@ -205,10 +206,11 @@ def setup(a, sd15_cpu_size: int):
              None: torch.float16 if device.type == "cuda" else torch.float32}[a.dtype]
     steps = a.steps or (50 if device.type == "cuda" else 10)
     t0 = time.perf_counter()
-    if a.sd15_shapes:
-        pipe = sd15_shaped(device, dtype)
-        size = a.size or (512 if device.type == "cuda" else sd15_cpu_size)
-        label = "sd15-shapes"
+    if a.sd15_shapes or a.sd2_shapes:
+        family = "sd2" if a.sd2_shapes else "sd15"
+        pipe = real_shaped(device, dtype, family)
+        size = a.size or ((768 if a.sd2_shapes else 512) if device.type == "cuda" else sd15_cpu_size)
+        label = f"{family}-shapes"
     else:
         pipe = api.load(a.model, device=device, dtype=dtype, log=lambda s: print(s, file=sys.stderr))
         size = a.size or (512 if device.type == "cuda" else (64 if a.model is None else 256))
@@ -315,7 +317,7 @@ def main(argv=None):
     weights_mib = sum(p.numel() * p.element_size() for mod in (b.unet, b.text_encoder, pipe.vae)
                       for p in mod.parameters()) / 2 ** 20
     result = {
-        "model": pipe.source if not a.sd15_shapes else pipe.source, "label": label,
+        "model": pipe.source, "label": label,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),

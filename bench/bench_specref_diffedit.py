@@ -149,7 +149,7 @@ def main(argv=None):
     print_table(rows)
     print(f"reference K/V bank here: {bank.describe()} (layer-shape formula "
           f"{'matches' if result['bank']['formula_matches'] else 'DIFFERS: ' + str(measured_formula)})")
-    if a.sd15_shapes or label != "tiny":
+    if label != "tiny":
         print(f"bank at 512x512, 50 steps (4..49), decoder levels 0-1: {bank_512['fp16_mib']:.0f} MiB fp16, "
               f"{bank_512['fp32_mib']:.0f} MiB fp32 ({bank_512['ratio_to_unet_weights']:.2f}x the UNet's weights "
               "in the same precision)")

@@ -4,7 +4,9 @@ replace (word swap): prompts with the same number of words; unchanged words map 
 one, a swapped word's tokens share the source word's attention (mass-preserving when the
 two words have different token counts). refine (added words): a global alignment of the
 two token sequences (match +1, mismatch -1, gap 0); target tokens with no source partner
-keep their own attention. Both map the end token and padding tail onto each other.
+keep their own attention. Both map the end token onto the source's end token; after it, replace
+maps the padding tails onto each other, refine maps position j to source column j (the reference's
+rule for refinement).
 """
 from __future__ import annotations
 
@@ -48,8 +50,11 @@ def refine_mapper(src: PromptTokens, tgt: PromptTokens) -> tuple[torch.Tensor, t
     index[0], alpha[0] = 0, 1.0
     for i, j in pairs:
         index[j + 1], alpha[j + 1] = i + 1, 1.0
-    for j, s in _tail(src, tgt):
-        index[j], alpha[j] = s, 1.0
+    # the end token onto the source's end token; past it, position j takes source column j, as the
+    # reference's seq_aligner.get_mapper does (not shifted by the number of inserted tokens)
+    index[tgt.length - 1], alpha[tgt.length - 1] = src.length - 1, 1.0
+    index[tgt.length:] = torch.arange(tgt.length, L)
+    alpha[tgt.length:] = 1.0
     return index, alpha
 
 

@@ -1,8 +1,9 @@
 """Custom Diffusion's augmentation of reference images, deterministic by seed.
 
-Two thirds of the views shrink the image to 1/3..1 of its size on an empty canvas ("a far
-away" / "very small" is prefixed to the prompt), a third enlarge it 1.2-1.4x and crop ("zoomed
-in" / "close up"); half are mirrored. The loss is masked to the part of the canvas the image
+Two thirds of the views shrink the image to 1/3..1 of its size on an empty canvas, a third
+enlarge it 1.2-1.4x and crop; half are mirrored. As in the reference script, the prompt says so
+only when it shows: "a far away" / "very small" below 0.6 of the size, "zoomed in" / "close up"
+when enlarged. The loss is masked to the part of the canvas the image
 covers, so the model is not taught to paint the empty border. The first view of every image
 is the image itself.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 SMALL = ("a far away ", "very small ")
 LARGE = ("zoomed in ", "close up ")
+SMALL_BELOW = 0.6          # the reference prefixes SMALL only below this scale
 
 
 @dataclass
@@ -23,6 +25,7 @@ class View:
     mask: torch.Tensor       # [H, W] where the loss counts (valid canvas x user mask)
     prefix: str              # prompt prefix
     source: int              # index of the reference image
+    scale: float = 1.0       # the view's size relative to the image (1: unscaled)
 
 
 def _randint(g, lo, hi):     # lo..hi inclusive
@@ -47,7 +50,7 @@ def views(images: torch.Tensor, masks: torch.Tensor, per_image: int, seed: int,
             x = torch.cat([img, m[..., None]], dim=-1)
             if flip and v > 0 and torch.rand(1, generator=g).item() < 0.5:
                 x = x.flip(1)
-            prefix = ""
+            prefix, f = "", 1.0
             if scale and v > 0:
                 if _randint(g, 0, 2) < 2:
                     f = _randint(g, 33, 100) / 100.0
@@ -58,7 +61,8 @@ def views(images: torch.Tensor, masks: torch.Tensor, per_image: int, seed: int,
                     canvas[top:top + h, left:left + w, 4] = 1.0     # valid region
                     x = canvas
                     x[..., 3] = x[..., 3] * x[..., 4]
-                    prefix = SMALL[_randint(g, 0, 1)]
+                    if f < SMALL_BELOW:
+                        prefix = SMALL[_randint(g, 0, 1)]
                 else:
                     f = _randint(g, 120, 140) / 100.0
                     h, w = round(H * f), round(W * f)
@@ -66,7 +70,7 @@ def views(images: torch.Tensor, masks: torch.Tensor, per_image: int, seed: int,
                     top, left = _randint(g, 0, h - H), _randint(g, 0, w - W)
                     x = big[top:top + H, left:left + W]
                     prefix = LARGE[_randint(g, 0, 1)]
-            out.append(View(x[..., :3].clamp(0, 1), (x[..., 3] > 0.5).float(), prefix, i))
+            out.append(View(x[..., :3].clamp(0, 1), (x[..., 3] > 0.5).float(), prefix, i, f))
     return out
 
 

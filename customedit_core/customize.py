@@ -17,6 +17,7 @@ have to. They are discarded after training.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -58,7 +59,8 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     ico: bool = False
     train: str = "kv_token"          # "kv_token" (Custom Diffusion) | "token" (textual inversion: no K/V deltas)
-    weight_decay: float = 1e-2
+    weight_decay: float = 1e-2       # AdamW's, on the full K/V weights and the token vector (the reference's)
+    max_grad_norm: float = 1.0       # gradient clipping of the trained tensors, as the reference (0: off)
     name: str = ""
 
     def check(self):
@@ -73,6 +75,10 @@ class TrainSettings:
         need(0 <= float(self.prior_weight) <= 100, "prior_weight", f"expected 0..100, got {self.prior_weight}")
         need(0 <= int(self.num_class_images) <= 10000, "num_class_images", f"expected 0..10000, got {self.num_class_images}")
         need(1 <= int(self.views_per_image) <= 256, "views_per_image", f"expected 1..256, got {self.views_per_image}")
+        need(math.isfinite(float(self.max_grad_norm)) and float(self.max_grad_norm) >= 0, "max_grad_norm",
+             f"expected a finite value >= 0 (0 turns clipping off), got {self.max_grad_norm}")
+        need(math.isfinite(float(self.weight_decay)) and 0 <= float(self.weight_decay) <= 1, "weight_decay",
+             f"expected a value in [0, 1], got {self.weight_decay}")
         need(self.train in TRAINABLE, "train", f"expected one of {TRAINABLE}, got {self.train!r}")
         need(self.precision in PRECISIONS, "precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
         need(not self.ico or self.template.strip(), "template", "ICO replaces the template words with learned "
@@ -204,6 +210,14 @@ def _autocast(backend, precision):
     return torch.autocast(device_type=backend.device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
+def _decay_full_weights(trained_kv, rate: float):
+    """AdamW's decoupled decay of each trained layer's whole weight: (W + d) * (1 - rate) = W + d'."""
+    if rate > 0:
+        with torch.no_grad():
+            for d, w in trained_kv:
+                d.sub_(rate * (w.to(d) + d))
+
+
 def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.Tensor], torch.Tensor],
                   settings: TrainSettings, masks: Optional[torch.Tensor] = None,
                   class_images: Optional[torch.Tensor] = None,
@@ -275,7 +289,12 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
             params += contexts
 
         lr = s.learning_rate * (s.batch_size * (2 if use_prior else 1) if s.scale_lr else 1)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+        # AdamW; the reference trains the K/V weights themselves, so its decoupled weight decay shrinks
+        # the whole weight W + delta, not the delta: that decay is applied by hand to the deltas
+        trained_kv = [(d, kv[k] + prev[k] if k in prev else kv[k]) for k, d in deltas.items() if d.requires_grad]
+        others = [p for p in params if not any(p is d for d, _ in trained_kv)]
+        opt = torch.optim.AdamW([{"params": others, "weight_decay": s.weight_decay},
+                                 {"params": [d for d, _ in trained_kv], "weight_decay": 0.0}], lr=lr)
         scaler = torch.amp.GradScaler("cuda") if s.precision == "fp16" else None
         hook = AttentionHook([DetachStartToken()])
         g = torch.Generator().manual_seed(s.seed + 1)
@@ -315,10 +334,16 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    loss.backward()
+                if s.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                _decay_full_weights(trained_kv, lr * s.weight_decay)
+                if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
                 else:
-                    loss.backward()
                     opt.step()
                 losses.append(float(loss.detach()))
                 if on_step is not None:

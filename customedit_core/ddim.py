@@ -1,15 +1,20 @@
 """DDIM schedule math on alphas_cumprod (eta = 0), forward and inverse.
 
-Timestep convention (kept identical for inversion and editing): the Prompt-to-Prompt
-reference's, i.e. offset 0. For 50 steps on a 1000-step model the denoising timesteps
-are 980, 960, ..., 0; the step before 0 lands on alphas_cumprod[0]
-(`set_alpha_to_one=False`), so a clean latent is treated as sitting at alphas_cumprod[0].
+Timestep convention (identical for inversion and editing): diffusers' `steps_offset=1`, which
+is what the Prompt-to-Prompt / null-text reference actually runs (its code builds the scheduler
+with offset 0, but diffusers' StableDiffusionPipeline rewrites `steps_offset` to 1) and what
+diffusers' DiffEdit uses. For 50 steps on a 1000-step model the denoising timesteps are
+981, 961, ..., 1 (901, ..., 1 for 10 steps): every step is a real step, none is spent at t=0.
+The step after t=1 lands on alphas_cumprod[0] (`set_alpha_to_one=False`), so a clean latent is
+treated as sitting at alphas_cumprod[0].
 """
 from __future__ import annotations
 
 import torch
 
 from .errors import InputError
+
+OFFSET = 1          # diffusers' steps_offset (see above)
 
 
 def sd_alphas_cumprod(n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
@@ -23,13 +28,13 @@ class Schedule:
 
     def __init__(self, alphas_cumprod: torch.Tensor, steps: int):
         n = int(alphas_cumprod.shape[0])
-        if not isinstance(steps, int) or steps < 1 or steps > n:
-            raise InputError("steps", f"expected an integer between 1 and {n}, got {steps!r}")
+        if not isinstance(steps, int) or steps < 1 or steps > n - 1:
+            raise InputError("steps", f"expected an integer between 1 and {n - 1}, got {steps!r}")
         self.alphas_cumprod = alphas_cumprod.detach().double().cpu()
         self.steps = steps
         self.stride = n // steps
-        # descending, offset 0: (steps-1)*stride ... 0
-        self.timesteps = [i * self.stride for i in reversed(range(steps))]
+        # descending, offset 1: (steps-1)*stride + 1 ... 1
+        self.timesteps = [i * self.stride + OFFSET for i in reversed(range(steps))]
 
     def alpha(self, t: int) -> float:
         # t < 0 is "before the first timestep": alphas_cumprod[0] (set_alpha_to_one=False)

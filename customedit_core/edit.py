@@ -83,7 +83,7 @@ def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list
         maps = [align.refine_mapper(source, t) for t in targets]
         cross = RefineCross(torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps]), alpha)
     s_lo, s_hi = _window(settings.self_replace, steps, "self_replace")
-    controllers = [store, ReplaceSelf(s_hi, settings.self_max_side, s_lo), cross]
+    controllers = [ReplaceSelf(s_hi, settings.self_max_side, s_lo), cross]
     if settings.reweight:
         eq = torch.ones(len(targets), len(targets[0].ids))
         for word, value in settings.reweight.items():
@@ -91,6 +91,9 @@ def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list
                 eq[e, tok.positions(word, "reweight")] = float(value)
         lo, hi = _window(settings.cross_replace, steps, "cross_replace")
         controllers.append(Reweight(eq, lo, hi))
+    # the store records after the edits, as the reference's does (it keeps the very tensors the
+    # controllers then overwrite in place): local blend and the maps see the edited attention
+    controllers.append(store)
     blend = None
     if settings.local_blend:
         if not 0.0 < settings.blend_threshold < 1.0:

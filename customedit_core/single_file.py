@@ -65,12 +65,14 @@ def is_pickle(path: str) -> bool:
 def _sniff(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: its 8-byte little-endian header length may well start with 0x80 (a header
+    # of 128 + 256k bytes), which is also a pickle's protocol byte
     if len(head) >= 9:
         n = struct.unpack("<Q", head[:8])[0]
         if 2 <= n < 100_000_000 and head[8:9] == b"{":
             return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "pickle"
     return "unknown"
 
 

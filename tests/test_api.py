@@ -189,6 +189,22 @@ def test_single_file_sd2_uses_the_penultimate_text_layer(tmp_path):
     pipe.close()
 
 
+def test_single_file_ignores_keys_the_model_does_not_use(tmp_path):
+    """ComfyUI's checkpoint savers and many merges write the text projection; it is not used."""
+    extra = {"cond_stage_model.transformer.text_model.text_projection.weight": torch.randn(768, 768),
+             "model_ema.decay": torch.tensor(0.999)}
+    path, (unet, te, tok, vae) = tiny_checkpoint(str(tmp_path), "sd1", extra=extra)
+    pipe = api.load(path, device="cpu", log=quiet)
+    same_predictions(pipe, unet, te, tok, tol=1e-5)
+    pipe.close()
+    # what is missing or mis-shaped is still refused, naming the part
+    from customedit_core.errors import InputError
+    bad = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(5)}
+    path, _ = tiny_checkpoint(str(tmp_path), "sd1", extra=bad, name="bad.safetensors")
+    with pytest.raises(InputError, match="text encoder does not fit.*wrong shape"):
+        api.load(path, device="cpu", log=quiet)
+
+
 def test_single_file_prediction_type(tmp_path):
     path, _ = tiny_checkpoint(str(tmp_path), "sd2", extra={"v_pred": torch.tensor([])})
     assert api.load(path, device="cpu", log=quiet).prediction_type == "v_prediction"

@@ -157,9 +157,66 @@ def test_augmentation_is_deterministic_and_masks_the_canvas(refs):
     v2 = augment.views(refs, m, 6, seed=3)
     assert all(torch.equal(a.image, b.image) and a.prefix == b.prefix for a, b in zip(v1, v2))
     assert {v.prefix for v in v1} - {""} <= set(augment.SMALL + augment.LARGE)
-    small = [v for v in v1 if v.prefix in augment.SMALL]
+    small = [v for v in v1 if v.scale < 1]
     assert small and all(v.mask.mean() < 1 for v in small)       # the empty border is not trained on
     assert torch.equal(v1[0].image, refs[0])
+
+
+def test_size_words_only_where_the_reference_says_them(refs):
+    """The reference prefixes "a far away"/"very small" only below 0.6 of the size and "zoomed in"/
+    "close up" when enlarged; a mildly shrunk view keeps the plain prompt."""
+    vs = augment.views(refs, torch.ones(3, 64, 64), 40, seed=0)
+    shrunk = [v for v in vs if v.scale < 1]
+    assert any(v.scale >= augment.SMALL_BELOW for v in shrunk) and any(v.scale < augment.SMALL_BELOW for v in shrunk)
+    for v in vs:
+        if v.scale < augment.SMALL_BELOW:
+            assert v.prefix in augment.SMALL, v
+        elif v.scale > 1:
+            assert v.prefix in augment.LARGE, v
+        else:
+            assert v.prefix == "", v
+
+
+def _one_step(models, refs, **kw):
+    b = make_backend(models)
+    try:
+        s = TrainSettings(class_word="dog", steps=1, learning_rate=0.05, scale_lr=False, batch_size=1,
+                          num_class_images=0, views_per_image=1, seed=0, **kw)
+        return train_concept(b, refs[:1], encoder(models[3]), s), b.kv_weights()
+    finally:
+        b.close()
+
+
+def test_weight_decay_shrinks_the_whole_kv_weight_as_the_reference(models, refs):
+    """The reference's AdamW decays the K/V weights it trains, W + delta, not the delta alone: after one
+    step the two runs differ by exactly lr * decay * W (the Adam update itself is the same)."""
+    plain, kv = _one_step(models, refs, weight_decay=0.0)
+    decayed, _ = _one_step(models, refs, weight_decay=0.5)
+    for k, d in plain.concept.deltas.items():
+        assert torch.allclose(decayed.concept.deltas[k], d - 0.05 * 0.5 * kv[k].float(), atol=1e-6), k
+
+
+def test_gradients_are_clipped_as_the_reference(models, refs, monkeypatch):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        params = list(params)
+        seen.append((max_norm, len(params)))
+        return real(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    res, kv = _one_step(models, refs)
+    assert seen == [(1.0, 1 + len(kv))]               # the token vector and every K/V delta, at norm 1
+    seen.clear()
+    _one_step(models, refs, max_grad_norm=0.0)
+    assert seen == []
+    b = make_backend(models)
+    try:
+        expect("max_grad_norm", train_concept, b, refs, encoder(models[3]),
+               TrainSettings(class_word="dog", max_grad_norm=float("nan")))
+    finally:
+        b.close()
 
 
 def expect(name, fn, *a, **kw):

@@ -91,5 +91,5 @@ def test_build_controllers_order(backend):
     a, b = tokenize(tok, "a cat"), tokenize(tok, "a striped cat")
     hook, store, blend = build_controllers(P2PSettings(reweight={"striped": 2}, blend_source_words=("cat",)), a, [b], 10)
     names = [type(c).__name__ for c in hook.controllers]
-    assert names == ["AttentionStore", "ReplaceSelf", "RefineCross", "Reweight"]
+    assert names == ["ReplaceSelf", "RefineCross", "Reweight", "AttentionStore"]     # the store records edits
     assert blend.start == 2 and blend.source_only

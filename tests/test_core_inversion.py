@@ -113,3 +113,33 @@ def test_model_calls_per_inversion(backend, z0, monkeypatch, method, with_rec, c
     inv = invert(backend, z0, PROMPT, steps=6, guidance=7.5, method=method, with_reconstruction=with_rec)
     assert n["calls"] == calls
     assert (inv.reconstruction is not None) == with_rec
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 20, 50, 999])
+def test_timestep_grid_is_diffusers_steps_offset_one(steps):
+    """The grid the Prompt-to-Prompt reference really runs (diffusers rewrites steps_offset to 1) and
+    diffusers' DDIM/DiffEdit use: 981..1 for 50 steps, 901..1 for 10; no step at t=0."""
+    from diffusers import DDIMScheduler
+
+    from customedit_core.ddim import Schedule, sd_alphas_cumprod
+
+    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                        set_alpha_to_one=False, steps_offset=1)
+    ref.set_timesteps(steps)
+    s = Schedule(sd_alphas_cumprod(), steps)
+    assert s.timesteps == [int(t) for t in ref.timesteps]
+    assert s.timesteps[-1] == 1 and (steps != 50 or s.timesteps[0] == 981) and (steps != 10 or s.timesteps[0] == 901)
+    # one DDIM step equals diffusers' (eta 0), the last one landing on alphas_cumprod[0]
+    g = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64), torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64)
+    ref.alphas_cumprod = ref.alphas_cumprod.double()
+    ref.final_alpha_cumprod = ref.final_alpha_cumprod.double()
+    for t in (s.timesteps[0], s.timesteps[-1]):
+        assert torch.allclose(s.step(z, eps, t), ref.step(eps, t, z).prev_sample, atol=1e-6)
+
+
+def test_steps_past_the_grid_are_refused():
+    from customedit_core.ddim import Schedule, sd_alphas_cumprod
+
+    with pytest.raises(InputError, match="between 1 and 999"):
+        Schedule(sd_alphas_cumprod(), 1000)

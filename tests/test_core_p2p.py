@@ -195,3 +195,18 @@ def test_backends_sharing_a_unet_all_see_their_hooks(tiny, backend, z0):
     store = AttentionStore()
     backend.predict_eps(z0, 500, ctx, AttentionHook([store]))
     assert store.sums
+
+
+def test_store_and_local_blend_see_the_attention_after_the_edit(backend, inversions):
+    """As in the reference, whose store keeps the tensors the controllers then overwrite in place: with
+    a word swap of equal token counts and cross-attention replaced at every step, the edit row's
+    recorded maps are the source row's (before the edit they would be the edit's own)."""
+    inv = inversions["direct"]
+    r = p2p_edit(backend, inv, "a photo of a dog on grass",
+                 P2PSettings(mode="replace", cross_replace=1.0, blend_source_words=("cat",), blend_target_words=("dog",)))
+    assert r.store.sums
+    for name, m in r.store.sums.items():
+        assert torch.allclose(m[1], m[0], atol=1e-6), name
+    # so the blend mask of the edit is the source word's own region, united with the same region
+    free = p2p_edit(backend, inv, "a photo of a dog on grass", P2PSettings(mode="replace", cross_replace=0.0))
+    assert any((m[1] - m[0]).abs().max() > 1e-4 for m in free.store.sums.values())   # the edit's own maps

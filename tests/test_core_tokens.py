@@ -92,6 +92,9 @@ def test_refine_added_words(tok):
     assert index[8:10].tolist() == [5, 6] and alpha[8:10].tolist() == [1, 1]
     assert index[b.length - 1] == a.length - 1      # end token onto end token
     assert alpha[b.length:].eq(1).all()
+    # past the target's end token, position j takes source column j (the reference's get_mapper),
+    # not the source's padding shifted by the three inserted tokens
+    assert index[b.length:].tolist() == list(range(b.length, len(b.ids)))
 
 
 def test_refine_identity_and_punctuation(tok):
