@@ -6,6 +6,9 @@ to the latent (e.g. "side <= latent/2"), never by index.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -16,21 +19,42 @@ def _side_ok(site: Site, max_side: float) -> bool:
     return site.height <= max_side * site.latent_height and site.width <= max_side * site.latent_width
 
 
-class AttentionStore(Controller):
-    """Sums head-averaged cross-attention maps of the cond rows over steps, per layer.
+MAP_SIDE = 16     # masks and word maps come from the cross-attention level nearest 16x16 maps
 
-    Only layers with side <= max_side * latent side are kept (the reference keeps <= 32x32 at
-    512 px). The store is a fixed-size sum, so it does not grow with the step count.
+
+def map_scale(sides: dict) -> int:
+    """The level (downscale factor) whose maps are nearest to MAP_SIDE x MAP_SIDE, on a log scale,
+    the larger maps on a tie; `sides` maps each level with cross-attention to its side (sqrt of its
+    queries). By resolution, never by layer index: SD1.x at 512 px gives the reference's 16x16
+    (1/4 of the 64x64 latent), a 64 px toy model with 16x16 latents its 16x16 full-size level,
+    SDXL at 1024 px (cross-attention at 64x64 and 32x32 only) 32x32."""
+    if not sides:
+        raise ValueError("no cross-attention maps were recorded")
+    return min(sides, key=lambda s: (abs(math.log(max(sides[s], 1e-9) / MAP_SIDE)), -sides[s]))
+
+
+class AttentionStore(Controller):
+    """Sums head-averaged cross-attention maps of the cond rows over steps, per layer, at one level.
+
+    During the first step every cross-attention level is recorded; at its end the store keeps the
+    level `map_scale` chooses and from then on records only that one, so it is a fixed-size sum
+    that neither grows with the step count nor asks for probabilities where nothing reads them.
+    max_side: record every level up to that fraction of the latent side instead (all of them at 1.0).
     """
 
-    def __init__(self, max_side: float = 0.5):
+    def __init__(self, max_side: Optional[float] = None):
         self.max_side = max_side
         self.sums: dict[str, torch.Tensor] = {}
         self.sites: dict[str, Site] = {}
         self.steps_seen = 0
+        self.level: Optional[int] = None          # chosen downscale factor, after the first step
 
     def needs_probs(self, site):
-        return site.kind == "cross" and _side_ok(site, self.max_side)
+        if site.kind != "cross":
+            return False
+        if self.max_side is not None:
+            return _side_ok(site, self.max_side)
+        return self.level is None or site.scale_down() == self.level
 
     def probs(self, p, site):
         m = p[site.layout.cond].mean(dim=1).detach().float()   # [P, N, L]
@@ -43,13 +67,27 @@ class AttentionStore(Controller):
 
     def end_step(self, step):
         self.steps_seen += 1
+        if self.max_side is None and self.level is None and self.sites:
+            self.level = self.map_level()
+            for name in [n for n, s in self.sites.items() if s.scale_down() != self.level]:
+                del self.sums[name], self.sites[name]
 
     def levels(self) -> list[int]:
         """Downscale factors (1, 2, 4, ...) of the layers recorded."""
         return sorted({s.scale_down() for s in self.sites.values()})
 
-    def word_maps(self, scale_down: int, places=("down", "up")) -> torch.Tensor:
-        """[P, h, w, L] maps averaged over the recorded layers at one downscale factor."""
+    def map_level(self) -> int:
+        """The level masks and word maps read (see map_scale)."""
+        if self.level is not None:
+            return self.level
+        sides = {}
+        for site in self.sites.values():
+            sides[site.scale_down()] = math.sqrt(site.queries)
+        return map_scale(sides)
+
+    def word_maps(self, scale_down: Optional[int] = None, places=("down", "up")) -> torch.Tensor:
+        """[P, h, w, L] maps averaged over the recorded layers at one downscale factor (default map_level)."""
+        scale_down = self.map_level() if scale_down is None else scale_down
         names = [n for n, s in self.sites.items() if s.scale_down() == scale_down and s.place in places]
         if not names:
             names = [n for n, s in self.sites.items() if s.scale_down() == scale_down]
@@ -143,22 +181,21 @@ class Reweight(Controller):
 
 class LocalBlend:
     """After each step from `start_step` on, edit rows keep the source latent outside a mask
-    made from the chosen words' cross-attention (summed over steps so far):
-    layers at 1/4 of the latent side, averaged over layers and heads, 3x3 max-pool,
-    upsampled, divided by the max, thresholded; the source word's mask united with each
-    target's, or the source's alone (Custom-Edit's recipe).
+    made from the chosen words' cross-attention (summed over steps so far): the store's level
+    (nearest 16x16 maps: the reference's 16x16 at 512 px), averaged over layers and heads, 3x3
+    max-pool, upsampled, divided by the max, thresholded; the source word's mask united with
+    each target's, or the source's alone (Custom-Edit's recipe).
     """
 
     def __init__(self, store: AttentionStore, positions: list, threshold: float = 0.3,
-                 start_step: int = 0, scale_down: int = 4, source_only: bool = False):
+                 start_step: int = 0, source_only: bool = False):
         self.store, self.positions = store, positions     # positions[p]: token positions of prompt p
         self.threshold, self.start = threshold, start_step
-        self.scale_down, self.source_only = scale_down, source_only
+        self.source_only = source_only
         self.mask = None
 
     def compute(self, size) -> torch.Tensor:
-        level = self.store.nearest_level(self.scale_down)
-        maps = self.store.word_maps(level)                     # [P, h, w, L]
+        maps = self.store.word_maps()                          # [P, h, w, L] at the store's level
         sel = torch.zeros(maps.shape[0], maps.shape[-1], device=maps.device)
         for p, pos in enumerate(self.positions):
             if pos:

@@ -34,7 +34,6 @@ from .p2p import AttentionStore
 from .sampling import denoise
 from .tokens import tokenize
 
-MAP_SCALE_DOWN = 4       # M_t from the cross-attention layers at 1/4 of the latent side (16x16 at 512 px)
 
 
 def step_range(start: float, end: float, steps: int) -> tuple[int, int]:
@@ -206,8 +205,7 @@ class TargetRegion(Controller):
         self._cache = {}
         if self.fixed is not None or not self.store.sites:
             return
-        level = self.store.nearest_level(MAP_SCALE_DOWN)
-        maps = self.store.word_maps(level)                      # [P, h, w, L]
+        maps = self.store.word_maps()           # [P, h, w, L] at the level nearest 16x16 maps (p2p.map_scale)
         out = []
         for row, pos in ((1, self.edit_positions), (0, self.source_positions)):
             m = maps[row][..., pos].sum(-1) if pos else torch.zeros(maps.shape[1:3], device=maps.device)

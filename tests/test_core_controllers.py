@@ -1,10 +1,13 @@
 """Prompt-to-Prompt controllers on synthetic attention probabilities."""
+from dataclasses import replace
+
+import pytest
 import torch
 
 from customedit_core import align
 from customedit_core.attention import AttentionHook, Layout, Site
 from customedit_core.edit import P2PSettings, build_controllers, cross_alpha
-from customedit_core.p2p import RefineCross, ReplaceCross, ReplaceSelf, Reweight
+from customedit_core.p2p import AttentionStore, RefineCross, ReplaceCross, ReplaceSelf, Reweight
 from customedit_core.tokens import tokenize
 
 L = 77
@@ -93,3 +96,35 @@ def test_build_controllers_order(backend):
     names = [type(c).__name__ for c in hook.controllers]
     assert names == ["ReplaceSelf", "RefineCross", "Reweight", "AttentionStore"]     # the store records edits
     assert blend.start == 2 and blend.source_only
+
+
+@pytest.mark.parametrize("latent, cross_scales, chosen", [
+    (64, (1, 2, 4, 8), 4),       # SD1.x at 512 px: the reference's 16x16 maps
+    (96, (1, 2, 4, 8), 8),       # SD1.x at 768 px: 12x12 is nearer 16x16 than 24x24 (log scale)
+    (8, (1, 2, 4, 8), 1),        # SD1.x at 64 px: its largest maps, 8x8
+    (16, (1, 2, 4), 1),          # a 64 px toy model with 16x16 latents: 16x16
+    (128, (2, 4), 4),            # SDXL at 1024 px (cross-attention at 64x64 and 32x32): 32x32
+    (32, (1, 2, 4, 8), 2),       # SD1.x at 256 px: 16x16
+])
+def test_maps_level_is_chosen_by_resolution(latent, cross_scales, chosen):
+    from customedit_core.p2p import map_scale
+
+    assert map_scale({s: latent / s for s in cross_scales}) == chosen
+
+
+def test_store_keeps_only_the_maps_level_after_the_first_step():
+    store = AttentionStore()
+    hook = AttentionHook([store])
+    q16, q8, q4 = (torch.randn(1, 2, n, 4) for n in (256, 64, 16))
+    k = v = torch.randn(1, 2, 7, 4)
+    sites = [Site(f"l{i}", "cross", "down", side, side, 2, 16, 16, layout=Layout(1, False))
+             for i, side in enumerate((16, 8, 4))]
+    for step in range(2):
+        hook.begin(step, 2, Layout(1, False))
+        for q, s in zip((q16, q8, q4), sites):
+            hook(q, k, v, s)
+        hook.end_step()
+        if step == 0:
+            assert store.level == 1 and set(store.sums) == {"l0"}
+    assert not store.needs_probs(replace(sites[1], step=1)) and store.needs_probs(replace(sites[0], step=1))
+    assert store.word_maps().shape == (1, 16, 16, 7) and store.steps_seen == 2
