@@ -6,9 +6,10 @@ Tiers: "tiny" (the shared generator's 2-level SD1.x UNet with CLIP-L) always run
 "sd15" and "sd2" (random weights at SD1.5's and SD2.x-768-v's exact shapes, 2 GB files generated at
 test time) are the real-shapes tier (`CUSTOMEDIT_REAL_SHAPES=1` or `-m realshapes`).
 
-ComfyUI keeps the CPU text encoder's weights in fp16 (model_management.text_encoder_dtype), so text
-embeddings agree to ~1e-3 relative; the UNets both compute in fp32, so one noise prediction from the
-same embedding agrees to float error, and whole walks agree to the embeddings' precision.
+The checkpoints hold fp16 weights, so both loaders start from the same values; on the CPU both compute
+in fp32 (ComfyUI upcasts its fp16 text encoder), and everything agrees to float error: measured
+RMS-relative differences are 5e-7 (text), 2e-6 (noise prediction) and 4e-6 / 2e-5 (P2P edits,
+SD1.5 / tiny), well inside the tolerances below (on a GPU in fp16 expect about 1e-3).
 
   COMFYUI_DIR=/tmp/comfyui OMP_NUM_THREADS=2 /tmp/comfy-venv/bin/python -m pytest tests/test_comfy_parity.py
 """
@@ -28,8 +29,8 @@ PROMPTS = (SOURCE, "", "a watercolor painting of a red house by the lake, golden
 TIERS = [pytest.param("tiny", id="tiny"),
          pytest.param("sd15", id="sd15", marks=pytest.mark.realshapes),
          pytest.param("sd2", id="sd2", marks=pytest.mark.realshapes)]
-# relative tolerances (RMS of the difference / RMS of the reference): text through ComfyUI's fp16 CLIP
-TEXT_TOL, EPS_TOL, WALK_TOL = 3e-3, 1e-4, 2e-2
+# relative tolerances (RMS of the difference / RMS of the reference), 30-50x what was measured
+TEXT_TOL, EPS_TOL, WALK_TOL = 1e-4, 1e-4, 1e-3
 
 
 def rel(a, b):
