@@ -93,6 +93,14 @@ def text_encoder_for_conditioning(family: str, text_encoder):
     state = {k: v for k, v in text_encoder.state_dict().items()
              if f"layers.{cfg.num_hidden_layers}." not in k}
     short.load_state_dict(state, strict=True, assign=True)
+    # buffers outside the state dict (transformers' non-persistent position_ids) would stay on the
+    # meta device and feed the model garbage: take them from the full encoder
+    full = dict(text_encoder.named_buffers())
+    for name, buf in list(short.named_buffers()):
+        if buf.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            short.get_submodule(owner).register_buffer(leaf, full[name].clone(), persistent=False)
+    assert not any(t.is_meta for t in list(short.parameters()) + list(short.buffers()))
     return short.requires_grad_(False).eval()
 
 

@@ -68,8 +68,11 @@ def test_layout_text_widths_and_attention_sites(model, z0):
     assert len(kv) == 2 * BLOCKS
     assert {tuple(w.shape) for k, w in kv.items() if k.startswith("input_blocks.1.")} == {(320, width)}
     assert b.token_embedding_table().shape == (49408, width)
+    modules = (b.unet, b.text_encoder)
+    assert not any(t.is_meta for m in modules for t in list(m.parameters()) + list(m.buffers()))
     ctx = b.encode([tokenize(b.tokenizer, SOURCE)])
     assert ctx.shape == (1, 77, width) and torch.isfinite(ctx).all()
+    assert torch.equal(ctx, b.encode([tokenize(b.tokenizer, SOURCE)]))       # no uninitialised memory read
     sites = {}
 
     class Record(Controller):
