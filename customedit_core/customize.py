@@ -215,7 +215,7 @@ def _decay_full_weights(trained_kv, rate: float):
     if rate > 0:
         with torch.no_grad():
             for d, w in trained_kv:
-                d.sub_(rate * (w.to(d) + d))
+                d.sub_(rate * (w + d))
 
 
 def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.Tensor], torch.Tensor],
@@ -291,9 +291,11 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
         lr = s.learning_rate * (s.batch_size * (2 if use_prior else 1) if s.scale_lr else 1)
         # AdamW; the reference trains the K/V weights themselves, so its decoupled weight decay shrinks
         # the whole weight W + delta, not the delta: that decay is applied by hand to the deltas
-        trained_kv = [(d, kv[k] + prev[k] if k in prev else kv[k]) for k, d in deltas.items() if d.requires_grad]
-        others = [p for p in params if not any(p is d for d, _ in trained_kv)]
-        opt = torch.optim.AdamW([{"params": others, "weight_decay": s.weight_decay},
+        # (the layer's weight without this delta, converted once to the delta's dtype and device)
+        trained_kv = [(d, (kv[k] + prev[k] if k in prev else kv[k]).to(d)) for k, d in deltas.items()
+                      if d.requires_grad]
+        decayed = [vector] + (contexts or [])
+        opt = torch.optim.AdamW([{"params": decayed, "weight_decay": s.weight_decay},
                                  {"params": [d for d, _ in trained_kv], "weight_decay": 0.0}], lr=lr)
         scaler = torch.amp.GradScaler("cuda") if s.precision == "fp16" else None
         hook = AttentionHook([DetachStartToken()])

@@ -27,11 +27,10 @@ def record_source_maps(backend, inv: Inversion) -> AttentionStore:
     return store
 
 
-def word_maps(store: AttentionStore, tokens, prompt_row: int, scale_down: Optional[int] = None):
-    """[(word, map [h, w] normalised to 0..1)] for every word of a prompt, start/end tokens excluded;
-    at the store's level (nearest 16x16 maps) unless a downscale factor is given."""
-    level = store.map_level() if scale_down is None else store.nearest_level(scale_down)
-    maps = store.word_maps(level)[prompt_row]                        # [h, w, L]
+def word_maps(store: AttentionStore, tokens, prompt_row: int):
+    """[(word, map [h, w] normalised to 0..1)] for every word of a prompt, start/end tokens excluded,
+    at the store's level (nearest 16x16 maps)."""
+    maps = store.word_maps()[prompt_row]                             # [h, w, L]
     out = []
     for word, span in zip(tokens.words, tokens.spans):
         m = maps[..., list(span)].sum(-1)

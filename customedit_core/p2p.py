@@ -72,10 +72,6 @@ class AttentionStore(Controller):
             for name in [n for n, s in self.sites.items() if s.scale_down() != self.level]:
                 del self.sums[name], self.sites[name]
 
-    def levels(self) -> list[int]:
-        """Downscale factors (1, 2, 4, ...) of the layers recorded."""
-        return sorted({s.scale_down() for s in self.sites.values()})
-
     def map_level(self) -> int:
         """The level masks and word maps read (see map_scale)."""
         if self.level is not None:
@@ -96,12 +92,6 @@ class AttentionStore(Controller):
         site = self.sites[names[0]]
         m = torch.stack([self.sums[n] for n in names]).mean(0)
         return m.reshape(m.shape[0], site.height, site.width, m.shape[-1]) / max(1, self.steps_seen)
-
-    def nearest_level(self, scale_down: int) -> int:
-        lv = self.levels()
-        if not lv:
-            raise ValueError("no cross-attention maps were recorded")
-        return min(lv, key=lambda s: (abs(s - scale_down), -s))
 
 
 class ReplaceSelf(Controller):
