@@ -31,7 +31,7 @@ from bench_engine import Meter, real_shaped, write_json  # noqa: E402
 
 def tiny_pipeline(device):
     from customedit_core.backends.diffusers import DiffusersBackend
-    from customedit_core.tiny import tiny_models
+    from testmodels.tiny import tiny_models
 
     unet, te, tok, vae = tiny_models(0, with_vae=True)
     for m in (unet, te, vae):

@@ -36,7 +36,7 @@ PROMPT = "a photo of a <new1> dog on the grass"
 
 def tiny_backend(device):
     from customedit_core.backends.diffusers import DiffusersBackend
-    from customedit_core.tiny import tiny_models
+    from testmodels.tiny import tiny_models
 
     unet, te, tok = tiny_models(0)
     unet.to(device)

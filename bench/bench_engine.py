@@ -211,10 +211,16 @@ def setup(a, sd15_cpu_size: int):
         pipe = real_shaped(device, dtype, family)
         size = a.size or ((768 if a.sd2_shapes else 512) if device.type == "cuda" else sd15_cpu_size)
         label = f"{family}-shapes"
+    elif a.model is None:
+        from testmodels.tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(device, dtype, log=lambda s: print(s, file=sys.stderr))
+        size = a.size or (512 if device.type == "cuda" else 64)
+        label = "tiny"
     else:
         pipe = api.load(a.model, device=device, dtype=dtype, log=lambda s: print(s, file=sys.stderr))
-        size = a.size or (512 if device.type == "cuda" else (64 if a.model is None else 256))
-        label = "tiny" if a.model is None else os.path.splitext(os.path.basename(a.model.rstrip("/")))[0]
+        size = a.size or (512 if device.type == "cuda" else 256)
+        label = os.path.splitext(os.path.basename(a.model.rstrip("/")))[0]
     load_s = time.perf_counter() - t0
     m = pipe.pixel_multiple
     return pipe, label, device, dtype, steps, max(m, size // m * m), load_s

@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Quality of every method of the pack, measured against the toy world's ground truth.
 
-    OMP_NUM_THREADS=2 python bench/quality.py                 # the shipped toy-world model, CPU
+    OMP_NUM_THREADS=2 python bench/quality.py --first-scene 5000 --scenes 20    # the bars' run, CPU
     python bench/quality.py --scenes 3 --steps 10 --quick      # a small subset (what the test suite runs)
 
-On a fixed set of one-object scenes (a plain object whose colour stands out from its background):
+On one-object scenes drawn from the world's seeds `--first-scene` on (a plain object whose colour
+stands out from its background; the model trains on seeds 1000000.., so any range below is unseen):
 - edits with a word: colour swap ("red" -> "blue", P2P replace) and added pattern ("red circle" ->
   "red striped circle", P2P refine), each after every inversion (ddim, negative_prompt, direct,
   null_text), without and with local blend (the shape word's mask); SDEdit at several strengths;
   DiffEdit (its mask against the object's exact mask);
 - edits after a reference: SpecRef gives the object the colour and the held-out pattern ("ringed",
-  never named in a caption) of an object in another picture;
+  never named in a caption) of an object in another picture; its target prompt is neutral ("a
+  circle on grass"), so only the reference can supply the look;
 - concepts: two concepts (a yellow ringed circle, a red ringed square), each learned from 4 pictures
   by Custom Diffusion (K/V + token), textual inversion (token only) and full fine-tuning, then
   Custom-Edit (P2P refine with a source-only local blend) of scenes of its class ("a blue circle on
@@ -18,12 +20,14 @@ On a fixed set of one-object scenes (a plain object whose colour stands out from
 - DCI: "a <new1> circle on <background>" sampled plainly and with DCI, seeds fixed;
 - generation: colour, shape and background of objects drawn from trained captions.
 
-Measured from the world's rules (customedit_core/toyworld/measure.py): background PSNR outside the
-object (1 px margin), edit success (the object's colour and pattern are the target's), structure
+Measured from the world's rules (toyworld/measure.py): background PSNR outside the
+object (1 px margin) against the image and against its VAE round trip (what a perfect edit in
+latent space can reach), word-map IoU (each object word's map at the blend level, cut at half its
+maximum, against the object's mask), edit success (the object's colour and pattern are the target's), structure
 (IoU of the object's exact mask with the region of its colour in the result), reconstruction PSNR
 of each inversion, DiffEdit mask IoU, concept fidelity (the ringed pattern's agreement and the
 yellow colour), context (the background asked for), seconds per edit. Writes quality.json, a
-markdown table (quality.md), an image grid (grid.png) and a trade-off plot (tradeoff.png: edit
+markdown table (quality.md) with the bars of issue 12 and whether each is met, an image grid (grid.png) and a trade-off plot (tradeoff.png: edit
 success against background PSNR over the strength settings) to --out.
 """
 from __future__ import annotations
@@ -48,8 +52,8 @@ from customedit_core import api  # noqa: E402
 from customedit_core.ddim import Schedule  # noqa: E402
 from customedit_core.sampling import denoise  # noqa: E402
 from customedit_core.tokens import tokenize  # noqa: E402
-from customedit_core.toyworld import measure as Q  # noqa: E402
-from customedit_core.toyworld.world import render, sample_scene  # noqa: E402
+from toyworld import measure as Q  # noqa: E402
+from toyworld.world import render, sample_scene  # noqa: E402
 
 CLASH = {"green": {"grass"}, "white": {"snow"}, "blue": {"sky", "water"}, "yellow": {"sand"}}
 INVERSIONS = ("ddim", "negative_prompt", "direct", "null_text")
@@ -62,8 +66,12 @@ def stands_out(colour, background):
     return background not in CLASH.get(colour, ())
 
 
-def source_scenes(n, shape=None, avoid=()):
-    out, seed = [], 0
+TRAIN_SEED0 = 1_000_000        # toyworld.train's first scene: the benchmark stays below
+REFERENCE_OFFSET = 500_000      # SpecRef's and the concepts' reference pictures: seeds this far on
+
+
+def source_scenes(n, first=0, shape=None, avoid=()):
+    out, seed = [], first
     while len(out) < n:
         s = sample_scene(seed, objects=1, held_out=False, patterns=("plain",))
         seed += 1
@@ -72,6 +80,9 @@ def source_scenes(n, shape=None, avoid=()):
         o = s.objects[0]
         if stands_out(o.color, s.background) and o.color not in avoid:
             out.append((seed - 1, s))
+    if seed + REFERENCE_OFFSET >= TRAIN_SEED0:
+        raise SystemExit(f"--first-scene/--scenes reach seed {seed}; the benchmark's scenes (and its reference "
+                         f"pictures, {REFERENCE_OFFSET} seeds on) must stay below the training range ({TRAIN_SEED0}..)")
     return out
 
 
@@ -91,12 +102,15 @@ def to_pil(img):
 
 # ---- metrics ---------------------------------------------------------------------------------
 
-def judge(edit, src_img, target, mask):
+def judge(edit, src_img, target, mask, round_trip=None):
+    """round_trip: the source through the VAE; bg_psnr_vae compares the edit's background with it."""
     o = target.objects[0]
     colour_ok = Q.colour_of(edit, mask) == o.color
     pattern, scores = Q.pattern_of(edit, o, mask)
     region = Q.largest_component(Q.colour_mask(edit, o.color))
-    return dict(bg_psnr=Q.psnr(edit, src_img, ~Q.dilate(mask, 1)), success=bool(colour_ok and pattern == o.pattern),
+    bg = ~Q.dilate(mask, 1)
+    rt = {} if round_trip is None else dict(bg_psnr_vae=Q.psnr(edit, round_trip, bg))
+    return dict(bg_psnr=Q.psnr(edit, src_img, bg), **rt, success=bool(colour_ok and pattern == o.pattern),
                 colour_ok=bool(colour_ok), pattern_ok=bool(pattern == o.pattern),
                 pattern_agreement=scores.get(o.pattern, 0.0), structure_iou=Q.iou(region, mask))
 
@@ -158,13 +172,27 @@ class Bench:
         px = torch.nn.functional.interpolate(m.float(), size=img.shape[:2], mode="nearest")[0, 0].numpy() > 0.5
         return to_np(self.pipe.decode(res.edited)[0]), time.perf_counter() - t, px
 
-    def specref(self, key, img, src, ref_img, ref_mask, edited_words):
+    def specref(self, key, img, src, tgt, ref_img, ref_mask, edited_words):
         inv, t_inv = self.invert(key, img, src, "direct")
         t = time.perf_counter()
         bank = self.pipe.extract_reference(to_pil(ref_img), "", steps=self.steps,
                                            mask=ref_mask.astype(np.float32))
-        res = self.pipe.specref(inv, bank, src, edited_words, threshold=0.3)
+        res = self.pipe.specref(inv, bank, tgt, edited_words, source_words=edited_words, threshold=0.3)
         return to_np(self.pipe.decode(res.edited)[0]), time.perf_counter() - t + t_inv
+
+    def map_iou(self, key, img, prompt, regions):
+        """{word: IoU} of each word's source map (the DDIM inversion's reconstruction, at the store's
+        level, bilinear to the image, cut at half its maximum) with its region ({word: mask})."""
+        from customedit_core.maps import record_source_maps, word_maps
+
+        inv, _ = self.invert(key, img, prompt, "ddim")
+        maps = dict(word_maps(record_source_maps(self.pipe.backend, inv), inv.tokens, 0))
+        out = {}
+        for w, mask in regions.items():
+            up = torch.nn.functional.interpolate(maps[w][None, None].float().cpu(), size=mask.shape,
+                                                 mode="bilinear", align_corners=False)[0, 0].numpy()
+            out[w] = Q.iou(up > 0.5 * up.max(), mask)
+        return out
 
 
 # ---- concept training (three ways) -------------------------------------------------------------
@@ -176,13 +204,15 @@ def _plain():
 
 def generation_scene(k):
     """The k-th caption of the generation check: every shape, colours that stand out."""
-    from customedit_core.toyworld.world import BACKGROUNDS, SHAPES, Obj, Scene
+    from toyworld.world import BACKGROUNDS, SHAPES, Obj, Scene
+
+    from toyworld.world import PATTERNS
 
     colours = ("red", "blue", "yellow", "white", "green")
     while True:
         shape, colour, bg = SHAPES[k % 4], colours[(k // 4) % 5], BACKGROUNDS[(k * 3 + k // 20) % 5]
         if stands_out(colour, bg):
-            return Scene((Obj(shape, colour, "plain", 0.5, 0.5, 0.25),), bg, 0)
+            return Scene((Obj(shape, colour, PATTERNS[(k + k // 4) % 4], 0.5, 0.5, 0.25),), bg, 0)
         k += 1
 
 
@@ -200,17 +230,18 @@ def dci_check(cp, concept, a, picture):
             region = Q.generated_object(out, colour)
             fit = Q.fit_object(region, cls, colour)
             agree = Q.pattern_of(out, fit, region)[1].get(concept["pattern"], 0.0) if fit is not None else 0.0
-            rows.append(dict(concept_colour=bool(region.sum() >= 60), ringed_agreement=agree,
+            best = Q.pattern_of(out, fit, region)[0] if fit is not None else None
+            rows.append(dict(concept_colour=bool(region.sum() >= 60), ringed_agreement=agree, ringed_ok=best == "ringed",
                              context_ok=Q.background_of(out, Q.dilate(region, 1)) == bg))
             picture[(f"DCI {label}", k)] = out
         out_rows[label] = mean_rows(rows)
     return out_rows
 
 
-def concept_refs(concept, n=4):
+def concept_refs(concept, first, n=4):
     imgs = []
     for k in range(n):
-        s = sample_scene(500 + k, objects=1, held_out=False).with_object(0, **concept)
+        s = sample_scene(first + REFERENCE_OFFSET // 2 + k, objects=1, held_out=False).with_object(0, **concept)
         imgs.append(render(s)[0])
     return imgs
 
@@ -341,16 +372,22 @@ def run(a, log=print):
     results = defaultdict(list)       # method -> per-edit rows
     seconds = defaultdict(list)
     recon = defaultdict(list)
-    vae_psnr = []
+    vae_psnr, vae_bg_psnr = [], []
     diffedit_iou = []
+    map_ious = defaultdict(list)      # "object words" / "background word" -> IoU per scene
     picture = {}                      # (method, scene index) -> image, for the grid
-    scenes = source_scenes(a.scenes)
+    scenes = source_scenes(a.scenes, a.first_scene)
     inversions = INVERSIONS if not a.quick else ("negative_prompt", "direct")
     for si, (seed, s) in enumerate(scenes):
         img, masks = render(s)
         mask = masks[0]
-        vae_psnr.append(Q.psnr(bench.encode_decode(img), img))
+        round_trip = bench.encode_decode(img)
+        vae_psnr.append(Q.psnr(round_trip, img))
+        vae_bg_psnr.append(Q.psnr(round_trip, img, ~Q.dilate(mask, 1)))
         o = s.objects[0]
+        ious = bench.map_iou(seed, img, s.caption(), {o.color: mask, o.shape: mask, s.background: ~mask})
+        map_ious["object words"] += [ious[o.color], ious[o.shape]]
+        map_ious["background word"].append(ious[s.background])
         edits = {"colour": (s.with_object(0, color=target_colour(s)), "replace"),
                  "pattern": (s.with_object(0, pattern="striped"), "refine")}
         picture[("source", si)] = img
@@ -362,7 +399,7 @@ def run(a, log=print):
                     name = f"{method} + P2P {mode}{' + blend' if blend else ''}"
                     out, sec, rec = bench.p2p(seed, img, src_p, tgt_p, method, mode,
                                               (o.shape,) if blend else ())
-                    results[(kind, name)].append(judge(out, img, tgt, mask))
+                    results[(kind, name)].append(judge(out, img, tgt, mask, round_trip))
                     seconds[name].append(sec)
                     picture[(f"{kind}: {name}", si)] = out
                     if kind == "colour" and not blend:
@@ -370,13 +407,13 @@ def run(a, log=print):
             for strength in ((0.5,) if a.quick else (0.3, 0.5, 0.7, 0.9)):
                 name = f"SDEdit {strength}"
                 out, sec = bench.sdedit(img, tgt_p, strength)
-                results[(kind, name)].append(judge(out, img, tgt, mask))
+                results[(kind, name)].append(judge(out, img, tgt, mask, round_trip))
                 seconds[name].append(sec)
                 picture[(f"{kind}: {name}", si)] = out
             for ratio in ((0.7,) if a.quick else (0.5, 0.7, 0.9)):
                 name = f"DiffEdit {ratio}"
                 out, sec, m = bench.diffedit(img, src_p, tgt_p, ratio)
-                results[(kind, name)].append(judge(out, img, tgt, mask))
+                results[(kind, name)].append(judge(out, img, tgt, mask, round_trip))
                 seconds[name].append(sec)
                 if ratio == 0.7:
                     diffedit_iou.append(Q.iou(m, mask))
@@ -385,15 +422,16 @@ def run(a, log=print):
                 for cross in (0.2, 0.4, 0.6):
                     name = f"negative_prompt + P2P {mode} + blend, cross {cross}"
                     out, sec, _ = bench.p2p(seed, img, src_p, tgt_p, "negative_prompt", mode, (o.shape,), cross=cross)
-                    results[(kind, name)].append(judge(out, img, tgt, mask))
+                    results[(kind, name)].append(judge(out, img, tgt, mask, round_trip))
                     seconds[name].append(sec)
         # SpecRef: the colour and the held-out pattern of an object in another picture
-        ref_scene = sample_scene(900 + si, objects=1, held_out=False).with_object(
+        ref_scene = sample_scene(seed + REFERENCE_OFFSET, objects=1, held_out=False).with_object(
             0, shape=o.shape, color=target_colour(s), pattern="ringed")
         ref_img, ref_masks = render(ref_scene)
         tgt = s.with_object(0, color=ref_scene.objects[0].color, pattern="ringed")
-        out, sec = bench.specref(seed, img, s.caption(), ref_img, ref_masks[0], (o.shape,))
-        results[("reference", "SpecRef")].append(judge(out, img, tgt, mask))
+        neutral = f"a {o.shape} on {s.background}"          # the reference, not the prompt, gives the look
+        out, sec = bench.specref(seed, img, s.caption(), neutral, ref_img, ref_masks[0], (o.shape,))
+        results[("reference", "SpecRef")].append(judge(out, img, tgt, mask, round_trip))
         seconds["SpecRef"].append(sec)
         picture[("reference: the reference", si)] = ref_img
         picture[("reference: SpecRef", si)] = out
@@ -410,7 +448,8 @@ def run(a, log=print):
         gen.append(c)
         if k < 8:
             picture[("generated from a caption", k)] = out
-    generation = dict(mean_rows([{k: v for k, v in g.items() if k != "shape"} for g in gen]), samples=len(gen))
+    generation = dict(mean_rows([{k: v for k, v in g.items() if k not in ("shape", "pattern")} for g in gen]),
+                      samples=len(gen))
 
     # concepts: three trainings per concept, Custom-Edit of scenes of its class, DCI generation
     concept_rows, dci_rows = {}, {}
@@ -418,9 +457,9 @@ def run(a, log=print):
         per_mode = defaultdict(list)
         train_s = defaultdict(list)
         for ci, concept in enumerate(CONCEPTS[:1] if a.quick else CONCEPTS):
-            refs = concept_refs(concept)
+            refs = concept_refs(concept, a.first_scene)
             cls = concept["shape"]
-            scenes_c = source_scenes(a.scenes, shape=cls, avoid=(concept["color"],))
+            scenes_c = source_scenes(a.scenes, a.first_scene, shape=cls, avoid=(concept["color"],))
             for mode in (("kv_token",) if a.quick else ("kv_token", "token", "full")):
                 cp, t_train = concept_pipeline(pipe, mode, refs, cls, a.concept_steps, a.concept_lr, log)
                 train_s[mode].append(t_train)
@@ -431,7 +470,7 @@ def run(a, log=print):
                     target_prompt = s.caption().replace(f"{s.objects[0].color} {cls}", f"<new1> {cls}")
                     out, sec, _ = cb.p2p(("concept", seed), img, s.caption(), target_prompt, "negative_prompt",
                                          "refine", (cls,), source_only=True)
-                    per_mode[mode].append(judge(out, img, tgt, masks[0]))
+                    per_mode[mode].append(judge(out, img, tgt, masks[0], cb.encode_decode(img)))
                     picture[(f"concept {ci} {mode}: Custom-Edit", si)] = out
                 if mode == "kv_token" and ci == 0:
                     dci_rows = dci_check(cp, concept, a, picture)
@@ -444,10 +483,13 @@ def run(a, log=print):
     report = dict(model=pipe.source, steps=a.steps, scenes=len(scenes), device=str(pipe.device),
                   torch=torch.__version__, threads=torch.get_num_threads(),
                   machine=platform.processor() or platform.machine(),
-                  vae_psnr=float(np.mean(vae_psnr)), reconstruction_psnr={k: float(np.mean(v)) for k, v in recon.items()},
+                  first_scene=a.first_scene, scene_seeds=[seed for seed, _ in scenes],
+                  vae_psnr=float(np.mean(vae_psnr)), vae_bg_psnr=float(np.mean(vae_bg_psnr)),
+                  map_iou={k: float(np.mean(v)) for k, v in map_ious.items()}, reconstruction_psnr={k: float(np.mean(v)) for k, v in recon.items()},
                   diffedit_mask_iou=float(np.mean(diffedit_iou)) if diffedit_iou else None,
                   methods=table, seconds_per_edit={k: float(np.mean(v)) for k, v in seconds.items()},
                   generation=generation, concepts=concept_rows, dci=dci_rows, total_seconds=round(time.perf_counter() - t_start, 1))
+    report["bars"] = bars(report)
     write_json(os.path.join(a.out, "quality.json"), report)
     with open(os.path.join(a.out, "quality.md"), "w") as f:
         f.write(markdown(report))
@@ -460,18 +502,70 @@ def run(a, log=print):
     return report
 
 
+def bars(r):
+    """[(what, measured, needs, met)]: issue 12's bars, on this run's scenes (None where not measured)."""
+    m, out = r["methods"], []
+
+    def row(what, value, bar, higher=True):
+        ok = None if value is None else bool(value >= bar if higher else value <= bar)
+        out.append((what, None if value is None else round(float(value), 3), f"{'>=' if higher else '<='} {bar}", ok))
+
+    g = r.get("generation") or {}
+    row("generation: shape", g.get("shape_ok"), 0.90)
+    row("generation: colour", g.get("colour_ok"), 0.97)
+    row("generation: pattern", g.get("pattern_ok"), 0.80)
+    row("object-word map IoU (blend level)", r["map_iou"].get("object words"), 0.6)
+    ddim_bg = (m.get("ddim + P2P replace") or {}).get("colour", {}).get("bg_psnr")
+    for inv in INVERSIONS:
+        c = (m.get(f"{inv} + P2P replace + blend") or {}).get("colour")
+        if c:
+            row(f"{inv}: colour swap + blend, success", c["success"], 0.90)
+            row(f"{inv}: colour swap + blend, bg PSNR below the VAE round trip's (dB)",
+                r["vae_bg_psnr"] - c["bg_psnr"], 1.5, higher=False)
+        p = (m.get(f"{inv} + P2P refine + blend") or {}).get("pattern")
+        if p:
+            row(f"{inv}: add a pattern + blend, success", p["success"], 0.80)
+        plain = (m.get(f"{inv} + P2P replace") or {}).get("colour")
+        if inv != "ddim" and plain and ddim_bg is not None:
+            row(f"{inv}: colour swap bg PSNR over DDIM's (dB)", plain["bg_psnr"] - ddim_bg, 3.0)
+    row("DiffEdit mask IoU", r.get("diffedit_mask_iou"), 0.80)
+    ref = (m.get("SpecRef") or {}).get("reference")
+    if ref:
+        row("SpecRef: colour or pattern from the reference", max(ref["colour_ok"], ref["pattern_ok"]), 0.70)
+        row("SpecRef: bg PSNR (dB)", ref["bg_psnr"], 28.0)
+    plain_dci = (r.get("dci") or {}).get("plain")
+    if plain_dci:
+        row("K/V+token concept generates the held-out pattern", plain_dci.get("ringed_ok"), 0.70)
+    c = r.get("concepts") or {}
+    if "kv_token" in c:
+        row("Custom-Edit success (K/V+token)", c["kv_token"]["success"], 0.60)
+    if {"kv_token", "token", "full"} <= set(c):
+        row("K/V+token minus token-only: ringed agreement", c["kv_token"]["pattern_agreement"]
+            - c["token"]["pattern_agreement"], 0.0)
+        row("K/V+token minus full fine-tuning: bg PSNR (dB)", c["kv_token"]["bg_psnr"] - c["full"]["bg_psnr"], 0.0)
+    return out
+
+
 def markdown(r):
-    lines = [f"Model: {r['model']}; {r['scenes']} scenes, {r['steps']} DDIM steps, guidance 7.5; "
-             f"{r['device']} ({r['threads']} threads). VAE round trip PSNR {r['vae_psnr']:.2f} dB.", "",
-             "| method | colour: success | colour: bg PSNR | colour: structure IoU | pattern: success | "
-             "pattern: bg PSNR | pattern: structure IoU | s / edit |", "|---|---|---|---|---|---|---|---|"]
+    met = [b for b in r["bars"] if b[3] is not None]
+    lines = [f"Model: {r['model']}; {r['scenes']} scenes from seed {r['first_scene']} (never trained on), "
+             f"{r['steps']} DDIM steps, guidance 7.5; {r['device']} ({r['threads']} threads). VAE round trip PSNR "
+             f"{r['vae_psnr']:.2f} dB (background {r['vae_bg_psnr']:.2f} dB). Word-map IoU: object words "
+             f"{r['map_iou'].get('object words', float('nan')):.2f}, background word "
+             f"{r['map_iou'].get('background word', float('nan')):.2f}.", "",
+             f"Bars met: {sum(b[3] for b in met)} of {len(met)}", "", "| bar | measured | needs | met |", "|---|---|---|---|"]
+    lines += [f"| {what} | {v} | {needs} | {'yes' if ok else 'no'} |" for what, v, needs, ok in r["bars"] if ok is not None]
+    lines += ["",
+             "| method | colour: success | colour: bg PSNR (vs VAE) | colour: structure IoU | pattern: success | "
+             "pattern: bg PSNR (vs VAE) | pattern: structure IoU | s / edit |", "|---|---|---|---|---|---|---|---|"]
     for name, kinds in r["methods"].items():
         c, p = kinds.get("colour"), kinds.get("pattern")
         if not c and not p:
             continue
 
         def cells(k):
-            return ["-"] * 3 if not k else [f"{k['success']:.2f}", f"{k['bg_psnr']:.1f}", f"{k['structure_iou']:.2f}"]
+            return ["-"] * 3 if not k else [f"{k['success']:.2f}", f"{k['bg_psnr']:.1f} ({k.get('bg_psnr_vae', np.nan):.1f})",
+                                            f"{k['structure_iou']:.2f}"]
         lines.append("| " + " | ".join([name] + cells(c) + cells(p) + [f"{r['seconds_per_edit'].get(name, 0):.2f}"]) + " |")
     ref = r["methods"].get("SpecRef", {}).get("reference")
     if ref:
@@ -481,9 +575,10 @@ def markdown(r):
                   f"{ref['bg_psnr']:.1f} | {r['seconds_per_edit'].get('SpecRef', 0):.2f} |"]
     g = r.get("generation")
     if g:
-        lines += ["", f"Generation from {g['samples']} trained captions ('a <colour> <shape> on <background>', one seed "
-                      f"each): colour {g['colour_ok']:.2f}, shape {g['shape_ok']:.2f} (template IoU "
-                      f"{g['shape_iou']:.2f}), background {g['background_ok']:.2f}."]
+        lines += ["", f"Generation from {g['samples']} trained captions ('a <colour> [<pattern>] <shape> on <background>', "
+                      f"one seed each): colour {g['colour_ok']:.2f}, shape {g['shape_ok']:.2f} (template IoU "
+                      f"{g['shape_iou']:.2f}), pattern {g.get('pattern_ok', float('nan')):.2f}, background "
+                      f"{g['background_ok']:.2f}."]
     lines += ["", "| inversion | reconstruction PSNR (dB) |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in r["reconstruction_psnr"].items()]
     if r.get("diffedit_mask_iou") is not None:
@@ -507,6 +602,7 @@ def main_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the shipped toy-world model")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--first-scene", type=int, default=0, help="the first world seed of the scenes (< 500000)")
     ap.add_argument("--scenes", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--concept-steps", type=int, default=200)
@@ -518,7 +614,7 @@ def main_args(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "quality"))
     a = ap.parse_args(argv)
     if a.model is None:
-        from customedit_core.toyworld.model import FOLDER
+        from toyworld.model import FOLDER
         a.model = FOLDER
     return a
 

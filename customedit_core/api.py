@@ -1,7 +1,7 @@
 """Python API for use outside ComfyUI: load a model, encode an image, invert, edit, decode.
 
     from customedit_core import api
-    pipe = api.load("path/to/sd15.safetensors")        # or a diffusers folder, None (the toy-world model), "tiny"
+    pipe = api.load("path/to/sd15.safetensors")        # or a diffusers folder, None (the toy-world model)
     inv = pipe.invert(Image.open("cat.png"), "a photo of a cat", method="null_text")
     res = pipe.edit(inv, "a photo of a striped cat", mode="refine", blend_source_words=("cat",))
     pipe.decode(res.edited)[0].save("striped.png")
@@ -33,9 +33,8 @@ from .errors import InputError
 from .inversion import METHODS, Inversion, invert as _invert
 from .single_file import PICKLE_SUFFIXES, SUPPORTED, refuse_pickle
 
-TINY_NOTICE = ("notice: the built-in tiny model is used: its weights are random and untrained (a toy to check "
-               "that the pipeline runs), so outputs look like noise. Pass a diffusers-format folder or an "
-               "SD1.x/SD2.x .safetensors checkpoint to edit for real.")
+# the shipped toy-world model: data beside the package (the repo's toyworld/ trains it; never imported here)
+TOYWORLD_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toyworld", "weights")
 TOYWORLD_NOTICE = ("notice: no model given, so the shipped toy-world model is used (a small model trained on "
                    "procedural scenes: '<colour> [<pattern>] <shape> on <background>', 64 px). Pass a "
                    "diffusers-format folder or an SD1.x/SD2.x .safetensors checkpoint for real photographs.")
@@ -51,12 +50,13 @@ class Pipeline:
     backend: DiffusersBackend
     vae: object                             # diffusers AutoencoderKL
     scaling_factor: float
-    source: str                             # what was loaded: a path, or "tiny"
-    family: str                             # "sd1" | "sd2" | "diffusers" | "toyworld" | "tiny"
+    source: str                             # what was loaded: a path (or a name given to from_models)
+    family: str                             # "sd1" | "sd2" | "diffusers" | "toyworld", or from_models' family
     notes: list = field(default_factory=list)
     log: Callable[[str], None] = _stderr
     default_size: int = 512
     concepts: dict = field(default_factory=dict)      # concept word -> class word, of the loaded concepts
+    edit_defaults: dict = field(default_factory=dict)  # the model's own P2PSettings defaults (MODEL_DEFAULTS)
 
     # --- facts -------------------------------------------------------------------------
     @property
@@ -189,9 +189,10 @@ class Pipeline:
 
     def edit(self, inv: Inversion, target_prompts: Union[str, Sequence[str]],
              settings: Optional[P2PSettings] = None, **settings_kw) -> EditResult:
-        """Prompt-to-Prompt edit of an inversion; keyword arguments are P2PSettings fields."""
+        """Prompt-to-Prompt edit of an inversion; keyword arguments are P2PSettings fields, over the
+        model's own defaults (`edit_defaults`, from its folder's customedit.json) where it has any."""
         if settings is None:
-            settings = P2PSettings(**settings_kw)
+            settings = P2PSettings(**{**self.edit_defaults, **settings_kw})
         elif settings_kw:
             raise InputError("settings", "give either a P2PSettings or its fields as keywords, not both")
         return p2p_edit(self.backend, inv, target_prompts, settings)
@@ -414,9 +415,8 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
 
     model: a diffusers-format folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/), a single
     SD1.x/SD2.x `.safetensors` checkpoint in the original LDM layout, None for the shipped toy-world
-    model (customedit_core/data/toyworld, trained on procedural scenes), or "tiny" for the built-in
-    tiny model with random weights (tests). device: default CUDA when available. dtype: of the UNet and text
-    encoder, default float16 on CUDA and float32 on the CPU (the VAE always runs in float32).
+    model (toyworld/weights, trained on procedural scenes). device: default CUDA when available. dtype: of
+    the UNet and text encoder, default float16 on CUDA and float32 on the CPU (the VAE always runs in float32).
     tokenizer: a CLIP tokenizer folder, overriding the one found with the model.
     prediction_type: "epsilon" or "v_prediction", overriding what is read or inferred.
     """
@@ -429,48 +429,79 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
     notes = []
     family = None
     if model is None:
-        from .toyworld.model import FOLDER
-
-        if os.path.isfile(os.path.join(FOLDER, "model_index.json")):
-            log(TOYWORLD_NOTICE)
-            model, family = FOLDER, "toyworld"
-        else:
-            model = "tiny"
-    if model == "tiny":
-        from .tiny import tiny_models
-        log(TINY_NOTICE)
-        unet, te, tok, vae = tiny_models(with_vae=True)
-        alphas, pred, family, source, size = None, prediction_type or "epsilon", "tiny", "tiny", 128
-        if tokenizer:
-            raise InputError("tokenizer", "the tiny built-in model has its own tokenizer; give a model too")
+        if not os.path.isfile(os.path.join(TOYWORLD_FOLDER, "model_index.json")):
+            raise InputError("model", f"no model given and the toy-world model is not at {TOYWORLD_FOLDER!r}; "
+                                      "give a diffusers-format folder or a .safetensors SD1.x/SD2.x checkpoint")
+        log(TOYWORLD_NOTICE)
+        model, family = TOYWORLD_FOLDER, "toyworld"
+    model = os.fspath(model)
+    if os.path.isdir(model):
+        unet, te, tok, vae, alphas, pred = _load_folder(model, tokenizer, log)
+        pred = prediction_type or pred
+        # the UNet's native size: 512 px for SD1.x, 768 for SD2.x-v, 64 for the toy-world model
+        family, size = family or "diffusers", int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    elif os.path.isfile(model):
+        unet, te, tok, vae, pred, family = _load_single_file(model, tokenizer, prediction_type, log, notes)
+        alphas, size = None, 512
+    elif model.lower().endswith(PICKLE_SUFFIXES):
+        raise InputError("model", f"{model!r} does not exist (and pickle checkpoints are refused anyway: "
+                                  "convert them to .safetensors)")
     else:
-        model = os.fspath(model)
-        if os.path.isdir(model):
-            unet, te, tok, vae, alphas, pred = _load_folder(model, tokenizer, log)
-            pred = prediction_type or pred
-            # the UNet's native size: 512 px for SD1.x, 768 for SD2.x-v, 64 for the toy-world model
-            family, size = family or "diffusers", int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
-        elif os.path.isfile(model):
-            unet, te, tok, vae, pred, family = _load_single_file(model, tokenizer, prediction_type, log, notes)
-            alphas, size = None, 512
-        elif model.lower().endswith(PICKLE_SUFFIXES):
-            raise InputError("model", f"{model!r} does not exist (and pickle checkpoints are refused anyway: "
-                                      "convert them to .safetensors)")
-        else:
-            raise InputError("model", f"{model!r} does not exist; expected a diffusers-format folder or a "
-                                      ".safetensors SD1.x/SD2.x checkpoint (models are never downloaded)")
-        source = model
-    for m in (unet, te, vae):
+        raise InputError("model", f"{model!r} does not exist; expected a diffusers-format folder or a "
+                                  ".safetensors SD1.x/SD2.x checkpoint (models are never downloaded)")
+    pipe = from_models(unet, te, tok, vae, device=dev, dtype=dtype, alphas_cumprod=alphas, prediction_type=pred,
+                       source=model, family=family, notes=notes, log=log, default_size=size)
+    if os.path.isdir(model):
+        pipe.edit_defaults = model_defaults(model)
+    return pipe
+
+
+MODEL_DEFAULTS = "customedit.json"
+
+
+def model_defaults(folder: str) -> dict:
+    """A model folder's own P2PSettings defaults: {"p2p": {field: value}} in customedit.json. For what
+    helps only that model (the toy world's empty unconditional embedding for edit rows, say); SD's
+    defaults stay the reference's."""
+    path = os.path.join(folder, MODEL_DEFAULTS)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            p2p = json.load(f).get("p2p", {})
+        fields = set(P2PSettings.__dataclass_fields__)
+        if not isinstance(p2p, dict) or set(p2p) - fields:
+            raise ValueError(f"unknown settings {sorted(set(p2p) - fields) if isinstance(p2p, dict) else p2p!r}")
+        P2PSettings(**p2p)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise InputError("model", f"{path} is not a valid settings file ({e}); expected "
+                                  '{"p2p": {<P2PSettings field>: value}}') from None
+    return p2p
+
+
+def from_models(unet, text_encoder, tokenizer, vae, device=None, dtype: Optional[torch.dtype] = None,
+                alphas_cumprod: Optional[torch.Tensor] = None, prediction_type: str = "epsilon",
+                source: str = "", family: str = "diffusers", notes: Sequence[str] = (),
+                log: Optional[Callable[[str], None]] = None, default_size: int = 512) -> Pipeline:
+    """A Pipeline of diffusers modules already built (UNet2DConditionModel, CLIPTextModel, CLIPTokenizer,
+    AutoencoderKL): frozen, in eval mode, moved to the device; the UNet and text encoder in `dtype`
+    (default float16 on CUDA, float32 on the CPU), the VAE in float32. alphas_cumprod: default SD's
+    scaled-linear schedule."""
+    dev = _device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    for m in (unet, text_encoder, vae):
         m.requires_grad_(False)
         m.eval()
-    for m, dt in ((unet, dtype), (te, dtype), (vae, torch.float32)):
+    for m, dt in ((unet, dtype), (text_encoder, dtype), (vae, torch.float32)):
         m.to(dev)
         if _dtype(m) != dt:
             m.to(dt)
-    backend = DiffusersBackend(unet, te, tok, alphas_cumprod=alphas, prediction_type=pred, device=dev, dtype=dtype)
+    backend = DiffusersBackend(unet, text_encoder, tokenizer, alphas_cumprod=alphas_cumprod,
+                               prediction_type=prediction_type, device=dev, dtype=dtype)
     backend.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     scaling = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-    return Pipeline(backend, vae, scaling, source, family, notes, log, size)
+    return Pipeline(backend, vae, scaling, source, family, list(notes), log or _stderr, default_size)
 
 
 def _has_weights(folder: str, name: str) -> Optional[str]:
@@ -567,4 +598,4 @@ def _check_vocab(te, tok):
                                       "embeddings; give the tokenizer that belongs to the model")
 
 
-__all__ = ["METHODS", "Pipeline", "P2PSettings", "demo_scene", "load", "open_image", "to_pil"]
+__all__ = ["METHODS", "Pipeline", "P2PSettings", "demo_scene", "from_models", "load", "open_image", "to_pil"]

@@ -4,37 +4,47 @@
         --source "a photo of a cat" --target "a photo of a striped cat" --blend-words cat --out out.png
 
 writes one PNG: source | reconstruction | edit (| mask). Without --model the shipped toy-world
-model is used (trained on procedural scenes; `--model tiny`: random weights, a smoke test);
-without --image a scene of a red circle on grass is used (for the toy-world model a scene of its
-world, drawn by its own renderer).
+model is used (trained on procedural scenes); without --image the model folder's demo scene is
+used when it ships one (demo.png + demo.json, as the toy-world model does), else a drawn scene
+of a red circle on grass.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
 
 SCENE_PROMPT = "a red circle on green grass"
 SCENE_TARGET = "a yellow circle on green grass"
-WORLD_SCENE_TARGET = "a blue circle on grass"
+DEMO_FILES = ("demo.json", "demo.png")     # a model folder's own demo: {"source", "target"} and its image
+
+
+def _demo_files(pipe):
+    """(demo.json, demo.png) paths when the loaded model folder ships both, else None."""
+    paths = tuple(os.path.join(pipe.source, f) for f in DEMO_FILES)
+    return paths if os.path.isdir(pipe.source) and all(map(os.path.isfile, paths)) else None
 
 
 def _scene_prompts(pipe):
-    """(source, target) of the drawn scene for this model."""
-    if pipe.family == "toyworld":
-        from .toyworld.world import DEMO_SCENE
-        return DEMO_SCENE.caption(), WORLD_SCENE_TARGET
+    """(source, target) of the demo scene for this model."""
+    files = _demo_files(pipe)
+    if files:
+        with open(files[0], encoding="utf-8") as f:
+            demo = json.load(f)
+        return demo["source"], demo["target"]
     return SCENE_PROMPT, SCENE_TARGET
 
 
 def _scene_image(pipe, side):
+    """The demo scene, longer side `side` px: the model folder's demo.png (resized if needed), else drawn."""
     from . import api
 
-    if pipe.family == "toyworld":
-        from .toyworld.world import DEMO_SCENE, render
-        import torch
-        return api.tensor_to_pil(torch.from_numpy(render(DEMO_SCENE, side)[0]).permute(2, 0, 1))
+    files = _demo_files(pipe)
+    if files:
+        return pipe.prepare_image(api.open_image(files[1], "model"), side, "demo.png")
     return api.demo_scene(side)
 
 
@@ -64,6 +74,8 @@ def _reweight(items) -> dict:
                 out[word.strip()] = float(value)
             except ValueError:
                 raise _Bad("reweight", f"the weight in {part!r} is not a number") from None
+            if not math.isfinite(out[word.strip()]):
+                raise _Bad("reweight", f"the weight in {part!r} must be a finite number")
     return out
 
 
@@ -75,7 +87,7 @@ class _Bad(Exception):
 def _add_model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", help="diffusers-format folder or SD1.x/SD2.x .safetensors checkpoint "
-                                   "(default: the shipped toy-world model; 'tiny': a random-weight toy for tests)")
+                                   "(default: the shipped toy-world model)")
     g.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file checkpoint (default: a "
                                        "'tokenizer' folder next to it, else CLIP's vocabulary built in)")
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
@@ -90,9 +102,9 @@ def _add_model_args(p):
 
 def _add_inversion_args(p):
     g = p.add_argument_group("image and inversion")
-    g.add_argument("--image", help="input image (default: a drawn scene, a red circle on grass)")
+    g.add_argument("--image", help="input image (default: the model's demo scene, else a drawn red circle on grass)")
     g.add_argument("--size", type=int, help="resize so the longer side is SIZE px, sides rounded to the "
-                                            "model's pixel multiple (default: 512, or 128 for the tiny model)")
+                                            "model's pixel multiple (default: the model's native size)")
     g.add_argument("--source", help="prompt describing the input image (default for the drawn scene: "
                                     f"{SCENE_PROMPT!r})")
     g.add_argument("--method", default="null_text", choices=["null_text", "negative_prompt", "direct", "ddim"],
@@ -115,6 +127,12 @@ def _add_edit_args(p, required_target: bool):
                    help="fraction of steps with injected cross-attention (default 0.8)")
     g.add_argument("--self-replace", type=_window, default=0.5, metavar="F|START,END",
                    help="fraction of steps with injected self-attention (default 0.5)")
+    g.add_argument("--self-max-side", type=float, metavar="F",
+                   help="inject self-attention in layers up to this fraction of the latent side (1: all; default "
+                        "0.5, the reference's, unless the model folder's customedit.json says otherwise)")
+    g.add_argument("--edit-uncond", choices=["inversion", "empty"],
+                   help="the edit rows' unconditional embedding: the inversion's (the reference) or the empty "
+                        "prompt's (default: the model folder's customedit.json, else inversion)")
     g.add_argument("--blend-words", nargs="+", metavar="WORD",
                    help="local blend: source word(s) whose attention masks the edit region; alone they give "
                         "Custom-Edit's source-only mask")
@@ -153,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "writes source | mask | edit", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(d)
     g = d.add_argument_group("image and prompts")
-    g.add_argument("--image", help="input image (default: a drawn scene, a red circle on grass)")
-    g.add_argument("--size", type=int, help="longer side in px (default: 512, or 128 for the tiny model)")
+    g.add_argument("--image", help="input image (default: the model's demo scene, else a drawn red circle on grass)")
+    g.add_argument("--size", type=int, help="longer side in px (default: the model's native size)")
     g.add_argument("--source", help=f"query prompt: what is in the image (default for the drawn scene: {SCENE_PROMPT!r})")
     g.add_argument("--target", help=f"target prompt (default for the drawn scene: {SCENE_TARGET!r})")
     g = d.add_argument_group("mask")
@@ -202,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-word", required=True, help="what it is: dog, teapot, dress...")
     g.add_argument("--token", default="<new1>", help="the new word")
     g.add_argument("--class-images", nargs="+", help="your class images (default: generated by the model)")
-    g.add_argument("--size", type=int, help="longer side in px (default: 512, or 64 for the tiny model)")
+    g.add_argument("--size", type=int, help="longer side in px (default: the model's native size)")
     g.add_argument("--steps", type=int, default=250)
     g.add_argument("--lr", type=float, default=1e-5, help="learning rate before scaling by batch size")
     g.add_argument("--batch-size", type=int, default=2)
@@ -255,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _settings(a):
+def _settings(a, model_defaults=None):
+    """The edit's P2PSettings: the command line's values over the model's own defaults."""
     from .edit import P2PSettings
 
     target_words = tuple(a.blend_target_words or ())
@@ -265,10 +284,11 @@ def _settings(a):
         target_words = target_words or tuple(a.blend_words)
     if target_words and not a.blend_words:
         raise _Bad("blend_target_words", "local blend needs at least one source word (--blend-words)")
-    return P2PSettings(mode=a.mode, cross_replace=a.cross_replace, self_replace=a.self_replace,
-                       reweight=_reweight(a.reweight), blend_source_words=tuple(a.blend_words or ()),
-                       blend_target_words=target_words, blend_threshold=a.blend_threshold,
-                       blend_start=a.blend_start)
+    given = {k: getattr(a, k) for k in ("self_max_side", "edit_uncond") if getattr(a, k, None) is not None}
+    return P2PSettings(**{**(model_defaults or {}), **given}, mode=a.mode, cross_replace=a.cross_replace,
+                       self_replace=a.self_replace, reweight=_reweight(a.reweight),
+                       blend_source_words=tuple(a.blend_words or ()), blend_target_words=target_words,
+                       blend_threshold=a.blend_threshold, blend_start=a.blend_start)
 
 
 def _load(a, log):
@@ -301,7 +321,7 @@ def cmd_train_concept(a, log):
         if not os.path.isfile(p):
             raise _Bad("images", f"{p!r} does not exist")
     pipe = _load(a, log)
-    size = a.size or (64 if pipe.family == "tiny" else pipe.default_size)
+    size = a.size or pipe.default_size
     t = time.time()
     last = [t]
 
@@ -424,8 +444,9 @@ def cmd_edit(a, log):
     from . import api
 
     _check_out(a.out)
-    settings = _settings(a)
+    _settings(a)                       # its errors before the model loads
     pipe = _load(a, log)
+    settings = _settings(a, pipe.edit_defaults)
     image, source = _image_and_prompts(a, pipe, log)
     targets = a.target or ([_scene_prompts(pipe)[1]] if not a.image else None)
     if not targets:

@@ -21,6 +21,7 @@ import torch
 
 from .errors import InputError
 from .single_file import is_pickle, refuse_pickle
+from .tokens import check_token_text
 
 FORMAT = "customedit.concept"
 VERSION = "1"
@@ -175,6 +176,11 @@ def load(path: str, input_name: str = "concept") -> Concept:
         emb, probe_ = tensors["embeddings"], tensors["base_probe"]
     except (KeyError, ValueError) as e:
         raise InputError(input_name, f"{base} is incomplete ({e}); save the concept again") from None
+    for t in tokens:          # the file's words obey the rules a trained token does (not "cat", "(x)", "")
+        try:
+            check_token_text(t, input_name)
+        except InputError as e:
+            raise InputError(input_name, f"{base} holds an invalid token: {str(e)[len(input_name) + 2:]}") from None
     deltas = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
     if emb.ndim != 2 or emb.shape[0] != len(tokens) or len(classes) != len(tokens) or not tokens:
         raise InputError(input_name, f"{base} is inconsistent: {len(tokens)} tokens, {len(classes)} class words, "

@@ -52,6 +52,9 @@ def _one_latent(backend, latent, input_name="latent"):
     return z0.to(backend.device)
 
 
+SAMPLES_PER_CALL = 10      # noise samples per model call (x2 prompts), as diffusers batches them all
+
+
 def diffedit_mask(backend, latent: torch.Tensor, source_prompt: str, target_prompt: str, samples: int = 10,
                   strength: float = 0.5, threshold: float = 0.5, seed: int = 0) -> DiffEditMask:
     """Where the target prompt would change the image (one latent [1, C, h, w])."""
@@ -69,18 +72,20 @@ def diffedit_mask(backend, latent: torch.Tensor, source_prompt: str, target_prom
     t = min(n - 1, int(strength * n))
     schedule = Schedule(backend.alphas_cumprod, 1)
     gen = torch.Generator().manual_seed(int(seed))
+    noises = [torch.randn(z0.shape, generator=gen) for _ in range(samples)]    # CPU draws: same on every device
     diff = torch.zeros(z0.shape[2:], device=z0.device)
     size = torch.zeros((), device=z0.device)
     tick = backend.progress(samples)
     with backend.offload(), torch.no_grad():
-        for _ in range(samples):
+        for lo in range(0, samples, SAMPLES_PER_CALL):     # the samples x both prompts in one model call
             backend.check_interrupt()
-            noise = torch.randn(z0.shape, generator=gen).to(z0.device)      # CPU draws: same on every device
-            zt = schedule.add_noise(z0, noise, t)
-            eps = backend.predict_eps(torch.cat([zt, zt]), t, cond)
-            diff += (eps[1] - eps[0]).abs().mean(0)
-            size += eps.abs().mean()
-            tick(1)
+            noise = torch.cat(noises[lo:lo + SAMPLES_PER_CALL]).to(z0.device)
+            k = noise.shape[0]
+            zt = schedule.add_noise(z0, noise, t).repeat_interleave(2, dim=0)    # [s0 src, s0 tgt, s1 src, ...]
+            eps = backend.predict_eps(zt, t, cond.repeat(k, 1, 1)).view(k, 2, *z0.shape[1:])
+            diff += (eps[:, 1] - eps[:, 0]).abs().mean(1).sum(0)
+            size += eps.abs().mean(dim=(1, 2, 3, 4)).sum()
+            tick(k)
     return mask_from_difference(diff / samples, threshold, size / samples)
 
 

@@ -28,6 +28,10 @@ class P2PSettings:
     cross_replace: Window = 0.8               # fraction of steps (or (start, end) fractions)
     self_replace: Window = 0.5
     self_max_side: float = 0.5                # self-attention replaced in layers with side <= this * latent
+    # the edit rows' unconditional embedding: "inversion" (the reference: the inversion's per-step
+    # one, for every row) or "empty" (only the source row keeps it; the edit rows get the empty
+    # prompt's, so guidance scales target - empty, not target - source; helps small models)
+    edit_uncond: str = "inversion"
     word_cross_replace: dict = field(default_factory=dict)   # target word -> fraction or (start, end)
     reweight: dict = field(default_factory=dict)              # target word -> weight (negative allowed)
     blend_source_words: tuple = ()            # local blend off when both are empty
@@ -74,6 +78,11 @@ def cross_alpha(settings: P2PSettings, targets: list[PromptTokens], steps: int) 
 def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list[PromptTokens], steps: int):
     if settings.mode not in ("refine", "replace"):
         raise InputError("mode", f"expected 'refine' or 'replace', got {settings.mode!r}")
+    if settings.edit_uncond not in ("inversion", "empty"):
+        raise InputError("edit_uncond", f"expected 'inversion' or 'empty', got {settings.edit_uncond!r}")
+    if not 0.0 <= settings.self_max_side <= 1.0:
+        raise InputError("self_max_side", f"expected a fraction of the latent side in [0, 1], got "
+                                          f"{settings.self_max_side!r}")
     store = AttentionStore()
     alpha = cross_alpha(settings, targets, steps)
     if settings.mode == "replace":
@@ -130,8 +139,12 @@ def p2p_edit(backend, inv: Inversion, target_prompts, settings: Optional[P2PSett
     dev = backend.device
     cond = backend.encode([inv.tokens] + targets)
     z = inv.noise.to(dev).expand(P, -1, -1, -1).clone()
+    walk = inv.walk(dev, P)
+    if settings.edit_uncond == "empty":
+        empty = backend.encode([tokenize(backend.tokenizer, "", allow_empty=True)]).expand(P - 1, -1, -1)
+        per_step = walk["uncond_at"]
+        walk["uncond_at"] = lambda i: torch.cat([per_step(i)[:1], empty.to(per_step(i))])
     with backend.offload():
-        z = denoise(backend, schedule, z, cond, guidance=inv.guidance, hook=hook, after_step=blend,
-                    **inv.walk(dev, P))
+        z = denoise(backend, schedule, z, cond, guidance=inv.guidance, hook=hook, after_step=blend, **walk)
     mask = blend.mask.cpu() if blend is not None and blend.mask is not None else None
     return EditResult(z[1:].cpu(), z[:1].cpu(), mask, store)

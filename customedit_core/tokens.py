@@ -77,14 +77,20 @@ class AddedWords:
             self.vectors.pop(i, None)
 
 
-def check_new_word(tok, word: str, input_name: str = "token") -> str:
-    """A concept token must be one word that is neither a vocabulary token nor taken already."""
+def check_token_text(word, input_name: str = "token") -> str:
+    """The spelling rules of a concept token (one word, no prompt syntax); returns it lower-cased."""
     if not isinstance(word, str) or not word.strip():
         raise InputError(input_name, "is empty; expected a new word such as '<new1>'")
     w = word.strip().lower()
-    if any(c.isspace() for c in w) or _FORBIDDEN & set(w) or len(w) > 32:
+    if any(c.isspace() for c in word) or _FORBIDDEN & set(w) or len(w) > 32:
         raise InputError(input_name, f"{word!r} must be one word of at most 32 characters without spaces or "
                                      "any of ( ) [ ] { } : , quotes or backslash, e.g. '<new1>'")
+    return w
+
+
+def check_new_word(tok, word: str, input_name: str = "token") -> str:
+    """A concept token must be one word that is neither a vocabulary token nor taken already."""
+    w = check_token_text(word, input_name)
     if w in getattr(tok, "added", {}):
         raise InputError(input_name, f"{word!r} is already taken by a loaded concept; choose another token")
     if len(tok.text_ids(w)) == 1:

@@ -6,12 +6,16 @@ import os
 
 from comfy_api.latest import io
 
+from ._checked import CheckedNode
+
 from ..customedit_core import concept as concepts
+from ..customedit_core import file_set
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
 from ..customedit_core.backends.comfy_concept import apply_concept
 from ..customedit_core.customize import PRECISIONS, TrainSettings, train_concept
 from ..customedit_core.errors import InputError
 from ..customedit_core.plot import loss_curve
+from ..customedit_core.tokens import check_token_text
 
 ConceptType = io.Custom("CE_CONCEPT")
 CATEGORY = "customedit/concept"
@@ -40,18 +44,10 @@ def _target(folder: str, name: str, input_name: str) -> str:
     """models/<folder>/<name>.safetensors, refusing names that would leave the folder."""
     import folder_paths
 
-    raw = (name or "").strip()
-    if not raw or raw in (".", "..") or os.path.isabs(raw) or raw.startswith(("/", "\\")) or ":" in raw:
-        raise InputError(input_name, f"{name!r} is not a file name; expected e.g. 'my_dog' (saved in models/{folder}/)")
-    root = os.path.abspath(folder_paths.get_folder_paths(folder)[0])
-    stem = raw[: -len(".safetensors")] if raw.endswith(".safetensors") else raw
-    path = os.path.abspath(os.path.join(root, stem + ".safetensors"))
-    if os.path.commonpath([root, path]) != root or any(p in ("..",) for p in stem.replace("\\", "/").split("/")):
-        raise InputError(input_name, f"{name!r} would be written outside models/{folder}/; give a plain name")
-    return path
+    return file_set.target(folder_paths.get_folder_paths(folder)[0], name, input_name, f"models/{folder}/")
 
 
-class TrainConcept(io.ComfyNode):
+class TrainConcept(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -91,6 +87,16 @@ class TrainConcept(io.ComfyNode):
         )
 
     @classmethod
+    def check_inputs(cls, token=None, class_word=None, template=None, ico=None, **_):
+        if isinstance(class_word, str) or isinstance(token, str):
+            TrainSettings(token=token if isinstance(token, str) else "<new1>",
+                          class_word=class_word if isinstance(class_word, str) else "x",
+                          template=template if isinstance(template, str) else "photo of a",
+                          ico=bool(ico)).check()
+        if isinstance(token, str):
+            check_token_text(token, "token")
+
+    @classmethod
     def execute(cls, model, clip, vae, images, token, class_word, steps, learning_rate, batch_size, prior_weight,
                 class_images_count, seed, ico, precision, gradient_checkpointing, template="photo of a", mask=None,
                 class_images=None) -> io.NodeOutput:
@@ -112,7 +118,7 @@ class TrainConcept(io.ComfyNode):
         return io.NodeOutput(result.concept, plot)
 
 
-class SaveConcept(io.ComfyNode):
+class SaveConcept(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -134,6 +140,15 @@ class SaveConcept(io.ComfyNode):
         )
 
     @classmethod
+    def check_inputs(cls, name=None, export_lora=True, export_embedding=True, overwrite=False, **_):
+        if not isinstance(name, str):
+            return
+        for folder in ["concepts"] + ["loras"] * bool(export_lora) + ["embeddings"] * bool(export_embedding):
+            path = _target(folder, name, "name")
+            if os.path.lexists(path) and not overwrite:
+                raise InputError("name", f"{path} exists; choose another name or enable overwrite")
+
+    @classmethod
     def execute(cls, concept, name, export_lora, export_embedding, overwrite) -> io.NodeOutput:
         if not isinstance(concept, concepts.Concept):
             raise InputError("concept", "expected a CE_CONCEPT from Train Concept")
@@ -143,18 +158,14 @@ class SaveConcept(io.ComfyNode):
         if export_embedding:
             targets.append(("embeddings", concepts.export_embedding))
         paths = [(_target(folder, name, "name"), fn) for folder, fn in targets]
-        if not overwrite:        # check every file first: all are written or none
-            for path, _ in paths:
-                if os.path.exists(path):
-                    raise InputError("name", f"{path} exists; choose another name or enable overwrite")
         stem = os.path.splitext(os.path.basename(paths[0][0]))[0]
         named = concepts.Concept(**{**concept.__dict__, "name": stem})
-        for path, fn in paths:
-            fn(named, path)
-        return io.NodeOutput(paths[0][0], ui={"text": [p for p, _ in paths]})
+        written = file_set.write_all([(path, lambda tmp, fn=fn: fn(named, tmp)) for path, fn in paths],
+                                     bool(overwrite), "name")
+        return io.NodeOutput(written[0], ui={"text": written})
 
 
-class LoadConcept(io.ComfyNode):
+class LoadConcept(CheckedNode):
     @classmethod
     def define_schema(cls):
         import folder_paths
@@ -177,6 +188,11 @@ class LoadConcept(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip")],
         )
+
+    @classmethod
+    def check_inputs(cls, concept_name=None, **values):
+        if "concept" not in values and concept_name == NONE:       # nothing connected, no file chosen
+            raise InputError("concept_name", "no concept chosen; pick a file from models/concepts/ or connect one")
 
     @classmethod
     def execute(cls, model, clip, concept_name, strength, concept=None) -> io.NodeOutput:

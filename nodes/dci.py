@@ -5,6 +5,8 @@ import logging
 
 from comfy_api.latest import io
 
+from ._checked import CheckedNode
+
 from ..customedit_core.backends.comfy import ComfyBackend, core_context, local_blend_mask_image
 from ..customedit_core.backends.comfy_concept import loaded_classes
 from ..customedit_core.dci import DCISettings, dci_sample
@@ -14,7 +16,7 @@ from .edit import CATEGORY, Inversion, _check_inversion, _samples, parse_words
 log = logging.getLogger("customedit")
 
 
-class DCISample(io.ComfyNode):
+class DCISample(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

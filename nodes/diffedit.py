@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ._checked import CheckedNode
+
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
 from ..customedit_core.diffedit import diffedit_mask, diffedit_sample
 from ..customedit_core.masks import image_mask, latent_mask
 from .edit import CATEGORY, _samples
 
 
-class DiffEditMask(io.ComfyNode):
+class DiffEditMask(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -49,7 +51,7 @@ class DiffEditMask(io.ComfyNode):
         return io.NodeOutput(image_mask(res.mask, z.shape[2:], backend.vae_scale))
 
 
-class DiffEditSample(io.ComfyNode):
+class DiffEditSample(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ._checked import CheckedNode
+
 from ..customedit_core.backends.comfy import ComfyBackend, core_context, local_blend_mask_image
 from ..customedit_core.edit import P2PSettings, p2p_edit
 from ..customedit_core.errors import InputError
@@ -40,6 +42,12 @@ def parse_reweight(text: str, input_name: str = "reweight") -> dict:
     return out
 
 
+def _need_prompt(text, input_name: str, hint: str) -> None:
+    """A constant prompt widget must say something (None: it comes through a link)."""
+    if isinstance(text, str) and not text.strip():
+        raise InputError(input_name, f"is empty; {hint}")
+
+
 def _renamed(err: InputError, names: dict) -> InputError:
     """The same error naming this node's input instead of the core's parameter."""
     if err.input_name not in names:
@@ -48,7 +56,7 @@ def _renamed(err: InputError, names: dict) -> InputError:
     return InputError(names[err.input_name], problem)
 
 
-class NullTextInvert(io.ComfyNode):
+class NullTextInvert(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -79,6 +87,10 @@ class NullTextInvert(io.ComfyNode):
         )
 
     @classmethod
+    def check_inputs(cls, source_prompt=None, **_):
+        _need_prompt(source_prompt, "source_prompt", "describe the image as it is, e.g. 'a photo of a cat'")
+
+    @classmethod
     def execute(cls, model, clip, latent, source_prompt, steps, guidance, method, inner_steps) -> io.NodeOutput:
         backend = ComfyBackend(model, clip)
         with core_context():
@@ -89,7 +101,7 @@ class NullTextInvert(io.ComfyNode):
         return io.NodeOutput(inv, {"samples": recon})
 
 
-class P2PEdit(io.ComfyNode):
+class P2PEdit(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -130,14 +142,21 @@ class P2PEdit(io.ComfyNode):
         )
 
     @classmethod
+    def check_inputs(cls, target_prompt=None, reweight=None, blend_words=None, blend_target_words=None, **_):
+        _need_prompt(target_prompt, "target_prompt", "give the source prompt with the edit")
+        if isinstance(reweight, str):
+            parse_reweight(reweight)
+        if isinstance(blend_target_words, str) and parse_words(blend_target_words, "blend_target_words") \
+                and isinstance(blend_words, str) and not parse_words(blend_words, "blend_words"):
+            raise InputError("blend_words", "is empty but blend_target_words is set; a local blend needs at "
+                                            "least one source word (the region to edit)")
+
+    @classmethod
     def execute(cls, model, clip, inversion, target_prompt, mode, cross_replace, self_replace, reweight="",
                 blend_words="", blend_target_words="", blend_source_only=True, blend_threshold=0.3,
                 blend_start=0.2) -> io.NodeOutput:
         source_words = parse_words(blend_words or "", "blend_words")
         target_words = parse_words(blend_target_words or "", "blend_target_words")
-        if target_words and not source_words:
-            raise InputError("blend_words", "is empty but blend_target_words is set; a local blend needs at "
-                                            "least one source word (the region to edit)")
         settings = P2PSettings(mode=mode, cross_replace=float(cross_replace), self_replace=float(self_replace),
                                reweight=parse_reweight(reweight or ""), blend_source_words=source_words,
                                blend_target_words=target_words, blend_source_only=bool(blend_source_only),
@@ -154,7 +173,7 @@ class P2PEdit(io.ComfyNode):
         return io.NodeOutput({"samples": edited}, mask)
 
 
-class AttentionMaps(io.ComfyNode):
+class AttentionMaps(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -5,6 +5,8 @@ import logging
 
 from comfy_api.latest import io
 
+from ._checked import CheckedNode
+
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
 from ..customedit_core.errors import InputError
 from ..customedit_core.masks import image_mask, latent_mask
@@ -31,7 +33,7 @@ def _levels():
     ]
 
 
-class ReferenceKVExtract(io.ComfyNode):
+class ReferenceKVExtract(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -78,7 +80,7 @@ class ReferenceKVExtract(io.ComfyNode):
         return io.NodeOutput(bank, info)
 
 
-class SpecRefEdit(io.ComfyNode):
+class SpecRefEdit(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -193,13 +193,14 @@ def tiny_checkpoint(folder: str, family: str = "sd1", dtype=torch.float32, with_
     (path, (unet, text_encoder, tokenizer, vae)) with the modules it was made from."""
     import os
 
-    from customedit_core.tiny import tiny_tokenizer, write_tokenizer
+    from .tiny import WORDS, tiny_tokenizer
+    from .word_bpe import write_tokenizer
 
     tok = tiny_tokenizer()
     unet, te, vae = tiny_ldm_models(family, vocab_size=len(tok))
     path = write_checkpoint(os.path.join(folder, name), unet, te, vae, family, dtype, extra)
     if with_tokenizer:
-        write_tokenizer(os.path.join(folder, "tokenizer"))
+        write_tokenizer(os.path.join(folder, "tokenizer"), WORDS, whole_words=False)
     return path, (unet, te, tok, vae)
 
 

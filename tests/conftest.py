@@ -15,7 +15,7 @@ except ImportError:  # the ComfyUI venv tests import their own torch
 
 @pytest.fixture(scope="session")
 def tiny():
-    from customedit_core.tiny import tiny_models
+    from testmodels.tiny import tiny_models
     return tiny_models(seed=0)
 
 
@@ -24,6 +24,27 @@ def backend(tiny):
     from customedit_core.backends.diffusers import DiffusersBackend
     unet, te, tok = tiny
     return DiffusersBackend(unet, te, tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny models (with VAE) as a diffusers-format folder: what the CLI tests pass as --model."""
+    from testmodels.ldm_layout import save_diffusers_folder
+    from testmodels.tiny import tiny_models
+    return save_diffusers_folder(str(tmp_path_factory.mktemp("tiny-model")), *tiny_models(with_vae=True))
+
+
+@pytest.fixture
+def run_cli(tiny_folder, capsys):
+    """The command line's main(args) -> (exit code, stderr), on the tiny model's folder unless args give
+    --model (the CLI tests check the command line's mechanics)."""
+    from customedit_core.cli import main
+
+    def run(args):
+        if "--model" not in args:
+            args = [args[0], "--model", tiny_folder, *args[1:]]
+        return main(args), capsys.readouterr().err
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Python API: loading offline from the tiny default, a diffusers folder and single-file SD1.x/SD2.x
+"""Python API: the tiny models' pipeline, loading offline from a diffusers folder and single-file SD1.x/SD2.x
 checkpoints (tiny ones written here in the original LDM layout), refusals, and the CLIP vocabulary."""
 import os
 
@@ -11,6 +11,7 @@ from customedit_core.backends.diffusers import DiffusersBackend
 from customedit_core.errors import InputError
 from customedit_core.tokens import tokenize
 from testmodels.ldm_layout import save_diffusers_folder, tiny_checkpoint
+from testmodels.tiny import tiny_models, tiny_pipeline
 
 PROMPT = "a photo of a cat on grass"
 
@@ -37,17 +38,17 @@ def same_predictions(pipe, unet, te, tok, tol=1e-5, size=8):
         ref.close()
 
 
-# --- tiny default ----------------------------------------------------------------------------
+# --- the tiny models' pipeline ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_pipe():
     msgs = []
-    pipe = api.load("tiny", device="cpu", log=msgs.append)
+    pipe = tiny_pipeline(device="cpu", log=msgs.append)
     pipe.messages = msgs
     return pipe
 
 
-def test_tiny_default_says_it_is_a_toy(tiny_pipe):
-    assert tiny_pipe.family == "tiny"
+def test_tiny_pipeline_says_it_is_a_toy(tiny_pipe):
+    assert tiny_pipe.family == "tiny" and tiny_pipe.default_size == 128
     assert any("untrained" in m and "random" in m for m in tiny_pipe.messages)
 
 
@@ -97,13 +98,19 @@ def test_bad_model_paths_and_device(tmp_path):
         api.load(str(tmp_path), log=quiet)
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="device"):
-            api.load("tiny", device="cuda", log=quiet)
+            api.load(str(tmp_path), device="cuda", log=quiet)
+
+
+def test_no_model_without_the_toy_world_folder_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "TOYWORLD_FOLDER", str(tmp_path / "missing"))
+    with pytest.raises(InputError) as e:
+        api.load(None, log=quiet)
+    assert e.value.input_name == "model" and "toy-world model" in str(e.value)
 
 
 # --- diffusers folder ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from customedit_core.tiny import tiny_models
     unet, te, tok, vae = tiny_models(seed=3, with_vae=True)
     path = save_diffusers_folder(str(tmp_path_factory.mktemp("diffusers")), unet, te, tok, vae)
     return path, (unet, te, tok, vae)

@@ -1,4 +1,4 @@
-"""Python API of SpecRef and DiffEdit on the tiny default model: images and masks in, latents out."""
+"""Python API of SpecRef and DiffEdit on the tiny models' pipeline: images and masks in, latents out."""
 import numpy as np
 import pytest
 import torch
@@ -6,6 +6,7 @@ from PIL import Image
 
 from customedit_core import api
 from customedit_core.errors import InputError
+from testmodels.tiny import tiny_pipeline
 
 SRC = "a red circle on green grass"
 TGT = "a yellow circle on green grass"
@@ -13,7 +14,7 @@ TGT = "a yellow circle on green grass"
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = api.load("tiny", device="cpu", log=lambda m: None)
+    p = tiny_pipeline(device="cpu", log=lambda m: None)
     yield p
     p.close()
 

@@ -205,3 +205,38 @@ def test_bad_input_reports_the_input_name(server):
     errors = [m for kind, m in entry["status"]["messages"] if kind == "execution_error"]
     assert errors and errors[0]["node_type"] == "CustomEditP2PEdit"
     assert errors[0]["exception_message"].startswith("target_prompt: ")
+
+
+def _refused_at_queue_time(server, prompt, node_id, input_name):
+    """POST /prompt answers 400 with the node's error naming the input; nothing was run."""
+    before = len(server.get("/history"))
+    status, body = server.post("/prompt", {"prompt": prompt, "client_id": "customedit-tests"})
+    assert status == 400, body
+    errors = body["node_errors"][node_id]["errors"]
+    assert any(f"{input_name}: " in e["details"] for e in errors), errors
+    assert len(server.get("/history")) == before
+    return errors
+
+
+@pytest.mark.parametrize("field,value", [("strength", float("nan")), ("strength", float("inf"))])
+def test_non_finite_numbers_are_refused_when_queued(server, field, value):
+    prompt = patched("custom_edit", server)
+    node = next(k for k, n in prompt.items() if n["class_type"] == "CustomEditLoadConcept")
+    prompt[node]["inputs"][field] = value
+    _refused_at_queue_time(server, prompt, node, field)
+
+
+def test_prompt_level_mistakes_are_refused_when_queued(server):
+    prompt = patched("p2p_edit", server)
+    prompt["5"]["inputs"]["target_prompt"] = "   "
+    _refused_at_queue_time(server, prompt, "5", "target_prompt")
+    prompt = patched("p2p_edit", server)
+    prompt["5"]["inputs"]["reweight"] = "cat:nan"
+    _refused_at_queue_time(server, prompt, "5", "reweight")
+    prompt = patched("p2p_edit", server)
+    prompt["5"]["inputs"]["cross_replace"] = 1.5                 # ComfyUI's own range check still holds
+    _refused_at_queue_time(server, prompt, "5", "cross_replace")
+    prompt = patched("concept_train", server)
+    train = next(k for k, n in prompt.items() if n["class_type"] == "CustomEditTrainConcept")
+    prompt[train]["inputs"]["token"] = "a cat"
+    _refused_at_queue_time(server, prompt, train, "token")

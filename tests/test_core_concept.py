@@ -9,7 +9,7 @@ from customedit_core import concept as C
 from customedit_core.backends.diffusers import DiffusersBackend
 from customedit_core.customize import TrainSettings, denoising_loss, train_concept
 from customedit_core.errors import InputError
-from customedit_core.tiny import tiny_models
+from testmodels.tiny import tiny_models
 from customedit_core.tokens import tokenize
 
 PROMPT = "photo of a <new1> dog"

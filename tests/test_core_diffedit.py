@@ -139,3 +139,37 @@ def test_bad_inputs(backend, z0, region_mask):
         diffedit_sample(backend, z0, region_mask, TGT, steps=0)
     with pytest.raises(InputError, match="^guidance"):
         diffedit_sample(backend, z0, region_mask, TGT, guidance=0.5)
+
+
+class CountingBackend:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict_eps(self, z, t, context, hook=None):
+        self.calls.append(z.shape[0])
+        return self.inner.predict_eps(z, t, context, hook)
+
+
+def test_mask_batches_the_noise_samples(backend, z0):
+    """All samples x both prompts go through the model in few calls (at most 10 samples each) and give
+    the per-sample loop's numbers: the same CPU noise draws, one after the other."""
+    from customedit_core.ddim import Schedule
+    from customedit_core.tokens import tokenize
+
+    counting = CountingBackend(backend)
+    res = diffedit_mask(counting, z0, SRC, TGT, samples=12, strength=0.5, seed=5)
+    assert counting.calls == [20, 4]
+    cond = backend.encode([tokenize(backend.tokenizer, SRC), tokenize(backend.tokenizer, TGT)])
+    n = int(backend.alphas_cumprod.shape[0])
+    t, sch, gen = min(n - 1, int(0.5 * n)), Schedule(backend.alphas_cumprod, 1), torch.Generator().manual_seed(5)
+    diff, size = 0, 0
+    with torch.no_grad():
+        for _ in range(12):
+            zt = sch.add_noise(z0, torch.randn(z0.shape, generator=gen), t)
+            eps = backend.predict_eps(torch.cat([zt, zt]), t, cond)
+            diff, size = diff + (eps[1] - eps[0]).abs().mean(0), size + eps.abs().mean()
+    ref = mask_from_difference(diff / 12, 0.5, size / 12)
+    assert torch.allclose(res.heat, ref.heat, atol=1e-4)          # float error of batched vs single calls

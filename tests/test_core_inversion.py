@@ -90,7 +90,7 @@ def test_bad_latents(backend, z0):
 
 def test_inversion_refuses_other_model_or_steps(tiny, ddim1):
     from customedit_core.backends.diffusers import DiffusersBackend
-    from customedit_core.tiny import tiny_models
+    from testmodels.tiny import tiny_models
     ddim1.check(DiffusersBackend(*tiny))          # same weights: fine
     other = DiffusersBackend(*tiny_models(seed=1))
     with pytest.raises(InputError, match="different model"):

@@ -81,7 +81,7 @@ def test_reweight(backend, inversions):
 
 def test_local_blend_keeps_outside_of_mask(tiny, z0):
     from customedit_core.backends.diffusers import DiffusersBackend
-    from customedit_core.tiny import tiny_models
+    from testmodels.tiny import tiny_models
     unet, te, tok = tiny_models(seed=0)
     with torch.no_grad():   # sharper cross-attention, so word maps are localised
         for name, m in unet.named_modules():
@@ -128,7 +128,7 @@ def test_local_blend_mask_rules():
 
 def test_hook_without_controllers_matches_stock_attention(z0):
     from customedit_core.backends.diffusers import DiffusersBackend
-    from customedit_core.tiny import tiny_models
+    from testmodels.tiny import tiny_models
     unet, te, tok = tiny_models(seed=0)
     ctx = te(torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [tok.eos_token_id] * 75]))[0]
     with torch.no_grad():

@@ -187,7 +187,7 @@ def test_reference_equal_to_the_source_stays_close_to_the_reconstruction(backend
 
 def test_bad_inputs(backend, tiny, inv, banks, z0):
     from customedit_core.backends.diffusers import DiffusersBackend
-    from customedit_core.tiny import tiny_models
+    from testmodels.tiny import tiny_models
 
     bank = banks["other"]
     with pytest.raises(InputError, match="^edited_words: 'zebra' does not occur"):

@@ -3,9 +3,8 @@ patterns never named, and the rule-based measurements recovering the ground trut
 import numpy as np
 import pytest
 
-from customedit_core.toyworld import measure as Q
-from customedit_core.toyworld.world import (BACKGROUNDS, HELD_OUT, PATTERNS, SHAPES, render, sample_scene,
-                                            vocabulary)
+from toyworld import measure as Q
+from toyworld.world import BACKGROUNDS, HELD_OUT, PATTERNS, SHAPES, render, sample_scene, vocabulary
 
 
 def test_a_seed_gives_the_same_scene_image_and_masks():

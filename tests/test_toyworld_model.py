@@ -12,9 +12,10 @@ from PIL import Image
 
 from customedit_core import api
 from customedit_core.dci import DCISettings
-from customedit_core.toyworld import measure as Q
-from customedit_core.toyworld.model import FOLDER
-from customedit_core.toyworld.world import Obj, Scene
+from toyworld import measure as Q
+from toyworld.demo import write_demo
+from toyworld.model import FOLDER
+from toyworld.world import DEMO_SCENE, Obj, Scene, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,9 +39,16 @@ def test_the_default_is_the_shipped_model_and_it_is_small():
     msgs = []
     p = api.load(None, log=msgs.append)
     assert p.family == "toyworld" and p.default_size == 64 and "toy-world" in msgs[0]
+    assert os.path.samefile(api.TOYWORLD_FOLDER, FOLDER)      # the core's data path is the trainer's output
     assert not any(f.endswith((".bin", ".ckpt", ".pt", ".pth")) for _, _, fs in os.walk(FOLDER) for f in fs)
     info = json.load(open(os.path.join(FOLDER, "training.json")))
     assert info["unet_steps"] > 0 and info["vae_steps"] > 0
+
+
+def test_the_shipped_demo_files_are_what_toyworld_demo_writes(tmp_path):
+    png, js = write_demo(str(tmp_path))
+    assert json.load(open(js)) == json.load(open(os.path.join(FOLDER, "demo.json")))
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(os.path.join(FOLDER, "demo.png"))))
 
 
 def test_generation_gets_the_colour_of_trained_captions(pipe):
@@ -61,7 +69,6 @@ def test_the_first_command_of_the_readme_edits_the_bundled_scene(tmp_path):
     panels = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32) / 255.0
     assert panels.shape == (64, 3 * 64, 3)
     src, rec, edit = panels[:, :64], panels[:, 64:128], panels[:, 128:]
-    from customedit_core.toyworld.world import DEMO_SCENE, render
     _, masks = render(DEMO_SCENE)
     label = np.zeros((64, 64), dtype=bool)
     label[:16, :40] = True                 # the panel names are written in the top-left corner

@@ -14,7 +14,7 @@ import types
 
 from ..concept import Concept, check_base
 from ..errors import InputError
-from ..tokens import added_pattern
+from ..tokens import added_pattern, check_new_word
 from .comfy import WORDS_KEY, ComfyBackend
 
 CLASSES_KEY = "customedit_classes"    # beside WORDS_KEY: concept word -> class word (DCI's plain prompt)
@@ -46,6 +46,7 @@ def apply_concept(model, clip, concept: Concept, strength: float = 1.0, input_na
         if word in taken:
             raise InputError(input_name, f"token {word!r} is already taken by a concept loaded on this CLIP; "
                                          "load each concept once (retrain with another token to combine two of the same name)")
+        check_new_word(backend.tokenizer, word, input_name)      # not a word of the vocabulary either
     m = model.clone()
     patches = {f"diffusion_model.{k}.weight": ("diff", (d,)) for k, d in concept.deltas.items()}
     added = m.add_patches(patches, float(strength))

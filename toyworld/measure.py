@@ -196,9 +196,12 @@ def generated_object(img: np.ndarray, colour: str) -> np.ndarray:
 
 
 def check_generation(img: np.ndarray, scene: Scene) -> dict:
-    """For a one-object caption: did the image get the object's colour and shape right?"""
+    """For a one-object caption: did the image get the object's colour, shape and pattern right?
+    (The pattern is judged on the caption's shape fitted to the generated region.)"""
     o = scene.objects[0]
     m = generated_object(img, o.color)
     shape, score = shape_of(m)
+    fit = fit_object(m, o.shape, o.color)
+    pattern = pattern_of(img, fit, m, candidates=PATTERNS)[0] if fit is not None else None
     return dict(colour_ok=bool(m.sum() >= 60), shape=shape, shape_ok=shape == o.shape, shape_iou=score,
-                area=int(m.sum()))
+                pattern=pattern, pattern_ok=pattern == o.pattern, area=int(m.sum()))
