@@ -54,21 +54,27 @@ def write_tokenizer(folder: str, words, whole_words: bool = True) -> str:
     return folder
 
 
-def _left_to_right(vocab: list, words) -> tuple[list, list]:
-    merges = []
+def _symbols(words):
+    """Each word's (or "tea|pot" part's) characters, the last one marked as the word's end."""
     for entry in words:
         parts = entry.split("|")
         for k, part in enumerate(parts):
             syms = list(part)
             if k == len(parts) - 1:
                 syms[-1] += "</w>"
-            cur = syms[0]
-            for sym in syms[1:]:
-                if f"{cur} {sym}" not in merges:
-                    merges.append(f"{cur} {sym}")
-                cur = cur + sym
-            if cur not in vocab:
-                vocab.append(cur)
+            yield syms
+
+
+def _left_to_right(vocab: list, words) -> tuple[list, list]:
+    merges = []
+    for syms in _symbols(words):
+        cur = syms[0]
+        for sym in syms[1:]:
+            if f"{cur} {sym}" not in merges:
+                merges.append(f"{cur} {sym}")
+            cur = cur + sym
+        if cur not in vocab:
+            vocab.append(cur)
     vocab += [t for t in dict.fromkeys(m.replace(" ", "") for m in merges) if t not in vocab]
     return vocab, merges
 
@@ -76,15 +82,10 @@ def _left_to_right(vocab: list, words) -> tuple[list, list]:
 def _whole_words(vocab: list, words) -> tuple[list, list]:
     known = set(vocab)
     ranks: dict = {}
-    for entry in words:
-        parts = entry.split("|")
-        for k, part in enumerate(parts):
-            syms = list(part)
-            if k == len(parts) - 1:
-                syms[-1] += "</w>"
-            while len(cur := _bpe(syms, ranks)) > 1:
-                ranks[(cur[0], cur[1])] = len(ranks)
-                if cur[0] + cur[1] not in known:
-                    known.add(cur[0] + cur[1])
-                    vocab.append(cur[0] + cur[1])
+    for syms in _symbols(words):
+        while len(cur := _bpe(syms, ranks)) > 1:
+            ranks[(cur[0], cur[1])] = len(ranks)
+            if cur[0] + cur[1] not in known:
+                known.add(cur[0] + cur[1])
+                vocab.append(cur[0] + cur[1])
     return vocab, [f"{a} {b}" for a, b in ranks]
