@@ -1,4 +1,5 @@
-"""customedit: ComfyUI custom-node pack (text-driven image editing: inversions + Prompt-to-Prompt).
+"""customedit: ComfyUI custom-node pack for reference-guided, text-driven image editing (inversions,
+Prompt-to-Prompt, SpecRef, DiffEdit, Custom Diffusion concepts, DCI; nodes in nodes/).
 
 ComfyUI imports this folder as a package and calls `comfy_entrypoint`. Outside ComfyUI
 (no `comfy_api` importable) importing the folder does nothing, so tools that happen to

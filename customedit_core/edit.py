@@ -109,21 +109,14 @@ def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list
             raise InputError("blend_threshold", f"expected a value in (0, 1), got {settings.blend_threshold}")
         if not settings.blend_source_words:
             raise InputError("blend_source_words", "local blend needs at least one source word")
-        positions = [_positions(source, settings.blend_source_words, "blend_source_words")]
+        positions = [source.positions_of(settings.blend_source_words, "blend_source_words")]
         for t in targets:
             tw = settings.blend_target_words
-            positions.append(_positions(t, tw, "blend_target_words") if tw and not settings.blend_source_only else [])
+            positions.append(t.positions_of(tw, "blend_target_words") if tw and not settings.blend_source_only else [])
         blend = LocalBlend(store, positions, settings.blend_threshold,
                            _window(settings.blend_start, steps, "blend_start")[1],
                            source_only=settings.blend_source_only or not settings.blend_target_words)
     return AttentionHook(controllers), store, blend
-
-
-def _positions(tok: PromptTokens, words, name):
-    out = []
-    for w in words:
-        out.extend(tok.positions(w, name))
-    return sorted(set(out))
 
 
 def p2p_edit(backend, inv: Inversion, target_prompts, settings: Optional[P2PSettings] = None,

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,17 +84,18 @@ def check_latent(backend, z: torch.Tensor, input_name: str = "latent") -> torch.
 
 
 def ddim_trajectory(backend, z0, cond, schedule: Schedule, count: Optional[int] = None,
-                    hook: Optional[AttentionHook] = None):
+                    hook: Optional[AttentionHook] = None, tick: Optional[Callable[[int], None]] = None):
     """Inverse DDIM at guidance 1: [z0, z_t0, ..., z_T] (eps at the destination timestep).
 
     count: stop after that many inverse steps (DiffEdit's encoding ratio). hook: attention hook
     of every call; its step is the *denoising* index of the timestep (steps - 1 - k for the k-th
     inverse step), so what it records lines up with the walk back down (SpecRef's K/V bank).
+    tick: a progress display shared with what follows (default: one of its own).
     """
     count = schedule.steps if count is None else count
     latents = [z0]
     z = z0
-    tick = backend.progress(count)
+    tick = tick or backend.progress(count)
     with torch.no_grad():
         for k, t in enumerate(reversed(schedule.timesteps[schedule.steps - count:])):
             backend.check_interrupt()
@@ -132,38 +133,41 @@ def invert(backend, latent: torch.Tensor, prompt: str, steps: int = 50, guidance
     schedule = Schedule(backend.alphas_cumprod, steps)
     empty = tokenize(backend.tokenizer, "", allow_empty=True)
     cond, null = backend.encode([tokens, empty]).chunk(2)
+    # one progress bar for the whole inversion (it used to fill once per phase and restart)
+    rest = {"null_text": steps * inner_steps, "direct": 0}.get(method, steps if with_reconstruction else 0)
+    tick = backend.progress(steps + rest)
     with backend.offload():
-        latents = ddim_trajectory(backend, z0, cond, schedule)
+        latents = ddim_trajectory(backend, z0, cond, schedule, tick=tick)
         inv = Inversion(method, prompt, tokens, steps, float(guidance), latents, [null] * steps,
                         backend.fingerprint())
         if method == "null_text":
-            _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop)
+            _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop, tick)
         elif method == "direct":
             inv.reconstruction = z0.detach().cpu()     # the source row follows the inverted path
         else:
             if method == "negative_prompt":
                 inv.uncond = [cond] * steps
             if with_reconstruction:
-                inv.reconstruction = reconstruct(backend, inv, schedule, cond)
+                inv.reconstruction = reconstruct(backend, inv, schedule, cond, tick)
     inv.latents = [x.detach().cpu() for x in inv.latents]
     inv.uncond = [u.detach().cpu() for u in inv.uncond]
     return inv
 
 
-def reconstruct(backend, inv: Inversion, schedule: Optional[Schedule] = None, cond=None) -> torch.Tensor:
+def reconstruct(backend, inv: Inversion, schedule: Optional[Schedule] = None, cond=None,
+                tick: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Walk the record back down with its source prompt (what an edit's source branch does)."""
     schedule = schedule or Schedule(backend.alphas_cumprod, inv.steps)
     if cond is None:
         cond = backend.encode([inv.tokens])
     dev = backend.device
-    return denoise(backend, schedule, inv.noise.to(dev), cond, guidance=inv.guidance, **inv.walk(dev, 1))
+    return denoise(backend, schedule, inv.noise.to(dev), cond, guidance=inv.guidance, tick=tick, **inv.walk(dev, 1))
 
 
-def _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop):
+def _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop, tick):
     steps = schedule.steps
     z = inv.latents[-1]
     uncond = null
-    tick = backend.progress(steps * inner_steps)
     out = []
     for i, t in enumerate(schedule.timesteps):
         target = inv.latents[steps - i - 1]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Controller, Site
+from .errors import InputError
 
 
 def _side_ok(site: Site, max_side: float) -> bool:
@@ -29,7 +30,8 @@ def map_scale(sides: dict) -> int:
     (1/4 of the 64x64 latent), a 64 px toy model with 16x16 latents its 16x16 full-size level,
     SDXL at 1024 px (cross-attention at 64x64 and 32x32 only) 32x32."""
     if not sides:
-        raise ValueError("no cross-attention maps were recorded")
+        raise InputError("model", "has no cross-attention layers whose maps could be recorded "
+                                  "(is it a text-to-image UNet?)")
     return min(sides, key=lambda s: (abs(math.log(max(sides[s], 1e-9) / MAP_SIDE)), -sides[s]))
 
 
@@ -88,7 +90,7 @@ class AttentionStore(Controller):
         if not names:
             names = [n for n, s in self.sites.items() if s.scale_down() == scale_down]
         if not names:
-            raise ValueError(f"no cross-attention layers recorded at 1/{scale_down} of the latent size")
+            raise InputError("model", f"has no cross-attention layers recorded at 1/{scale_down} of the latent size")
         site = self.sites[names[0]]
         m = torch.stack([self.sums[n] for n in names]).mean(0)
         return m.reshape(m.shape[0], site.height, site.width, m.shape[-1]) / max(1, self.steps_seen)

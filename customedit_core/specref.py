@@ -274,13 +274,6 @@ class SpecRefResult:
     store: AttentionStore
 
 
-def _positions(tokens, words: Sequence[str], input_name: str) -> list:
-    out = []
-    for w in words:
-        out.extend(tokens.positions(w, input_name))
-    return sorted(set(out))
-
-
 def specref_edit(backend, inv: Inversion, bank: ReferenceBank, target_prompt: str,
                  edited_words: Sequence[str] = (), level_start: int = 0, level_end: int = 1,
                  step_start: float = 0.08, step_end: float = 1.0, threshold: float = 0.3,
@@ -321,8 +314,8 @@ def specref_edit(backend, inv: Inversion, bank: ReferenceBank, target_prompt: st
     if fixed is None and not edited_words:
         raise InputError("edited_words", "name the word(s) of the target prompt whose region takes the "
                                          "reference (or give a mask)")
-    edit_pos = _positions(target, edited_words, "edited_words") if fixed is None else []
-    source_pos = _positions(inv.tokens, source_words, "source_words") if fixed is None else []
+    edit_pos = target.positions_of(edited_words, "edited_words") if fixed is None else []
+    source_pos = inv.tokens.positions_of(source_words, "source_words") if fixed is None else []
     dev = backend.device
     store = AttentionStore()
     region = TargetRegion(store, edit_pos, source_pos, threshold, None if fixed is None else fixed.to(dev))

@@ -129,6 +129,10 @@ class PromptTokens:
                                          f"(its words are {list(self.words)})")
         return out
 
+    def positions_of(self, words, input_name: str = "words") -> list[int]:
+        """The sorted union of several words' positions (a mask's or a blend's words)."""
+        return sorted({p for w in words for p in self.positions(w, input_name)})
+
 
 def tokenize(tok: Tokenizer, text: str, input_name: str = "prompt", allow_empty: bool = False) -> PromptTokens:
     if not isinstance(text, str):

@@ -6,6 +6,9 @@ for the inputs it receives, skips its own min/max and combo checks; so `CheckedN
 itself for every widget, adds what ComfyUI never checks (NaN and inf pass its min/max comparisons),
 then the node's own `check_inputs`. The same checks run again in `execute` for the values that came
 through links.
+
+ComfyUI runs both on a locked clone of the node class (no attribute may be set), so they read the schema
+from `define_schema()`: GET_SCHEMA caches it on the class and fails there.
 """
 from __future__ import annotations
 
@@ -41,24 +44,29 @@ class CheckedNode(io.ComfyNode):
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         own = cls.__dict__.get("execute")
-        if isinstance(own, classmethod):             # run the checks again on every value, linked ones too
+        # run the checks again on every value, linked ones too; once: ComfyUI's class clones (and their
+        # locked copies, which refuse the assignment) carry the already wrapped execute in their dict
+        if isinstance(own, classmethod) and not getattr(own.__func__, "_checked", False):
             run = own.__func__
 
             @functools.wraps(run)
             def execute(klass, **values):
-                check_widgets(klass.GET_SCHEMA(), values)
-                klass.check_inputs(**values)
+                check_widgets(klass.define_schema(), values)
+                # here None is a value not given (as an unconnected optional input: absent), not a link
+                klass.check_inputs(**{k: v for k, v in values.items() if v is not None})
                 return run(klass, **values)
+            execute._checked = True
             cls.execute = classmethod(execute)
 
     @classmethod
     def check_inputs(cls, **values) -> None:
-        """The node's own rules on its widget values (None: a linked input); raise InputError."""
+        """The node's own rules on its values; raise InputError. At queue time a linked input is there
+        as None and an unconnected optional one is absent; at execute every given value is there."""
 
     @classmethod
     def validate_inputs(cls, **values):
         try:
-            check_widgets(cls.GET_SCHEMA(), values)
+            check_widgets(cls.define_schema(), values)
             cls.check_inputs(**values)
         except InputError as e:
             return str(e)

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ._checked import CheckedNode
+from ._shared import Inversion, CATEGORY, need_prompt, words_in_prompt, latent_samples, latent_out, inversion_latent_out, check_inversion
+from ..customedit_core.word_lists import parse_words
 
-from ..customedit_core.backends.comfy import ComfyBackend, core_context, local_blend_mask_image
+from ..customedit_core.backends.comfy import ComfyBackend, core_context
+from ..customedit_core.masks import image_mask
 from ..customedit_core.backends.comfy_concept import loaded_classes
 from ..customedit_core.dci import DCISettings, dci_sample
 from ..customedit_core.errors import InputError
-from .edit import CATEGORY, Inversion, _check_inversion, _samples, parse_words
+from ..customedit_core.work_size import check_work_size
 
 log = logging.getLogger("customedit")
 
@@ -48,7 +51,9 @@ class DCISample(CheckedNode):
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="DDIM steps (an inversion's own count)."),
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (an inversion's own scale is used with one)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the starting noise (KSampler's noise for the same seed); not used "
+                                     "with an inversion."),
                 io.Latent.Input("latent_image", optional=True,
                                 tooltip="Size and batch of the result (e.g. Empty Latent Image); its content is "
                                         "not used. Leave unconnected with an inversion."),
@@ -58,10 +63,23 @@ class DCISample(CheckedNode):
                                 tooltip="Negative prompt (not with an inversion, which brings its own)."),
             ],
             outputs=[
-                io.Latent.Output(display_name="samples"),
-                io.Mask.Output(display_name="concept_weight"),
+                io.Latent.Output(display_name="samples", tooltip="The sampled latent(s), for VAE Decode."),
+                io.Mask.Output(display_name="concept_weight",
+                               tooltip="The concept branch's mean weight w at the image's size (white = concept), "
+                                       "also shown on the node; all white when nothing was integrated."),
             ],
         )
+
+    @classmethod
+    def check_inputs(cls, prompt=None, concept_words=None, negative_prompt=None, **values):
+        need_prompt(prompt, "prompt", "give a prompt with the concept word, e.g. 'a photo of a <new1> dog'")
+        words_in_prompt(concept_words, prompt, "concept_words", "the prompt")
+        if "latent_image" in values and "inversion" in values:        # both connected (unconnected: absent)
+            raise InputError("latent_image", "connect either a latent (for the size, e.g. Empty Latent Image) or an "
+                                             "inversion, not both")
+        if "inversion" in values and isinstance(negative_prompt, str) and negative_prompt.strip():
+            raise InputError("negative_prompt", "an inversion brings its own unconditional embeddings; leave the "
+                                                "negative prompt empty when editing from an inversion")
 
     @classmethod
     def execute(cls, model, clip, prompt, auxiliary_prompt, concept_words, integrate_fraction, balance, steps,
@@ -79,11 +97,16 @@ class DCISample(CheckedNode):
         backend = ComfyBackend(model, clip)
         noise = None
         if inversion is not None:
-            _check_inversion(inversion)
+            check_inversion(inversion)
             guidance = inversion.guidance
             steps = inversion.steps
+            hw, batch, size_input = inversion.source.shape[2:], inversion.source.shape[0], "inversion"
         else:
-            samples = _samples(latent_image, "latent_image")
+            samples = latent_samples(backend, latent_image, "latent_image")
+            hw, batch, size_input = samples.shape[2:], samples.shape[0], "latent_image"
+        check_work_size("dci", hw, steps, input_name=size_input, vae_scale=backend.vae_scale, batch=batch,
+                        integrate_fraction=float(integrate_fraction))
+        if inversion is None:
             samples = comfy.sample.fix_empty_latent_channels(model, samples)
             noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
         with core_context():
@@ -93,12 +116,13 @@ class DCISample(CheckedNode):
                              guidance=float(guidance), negative_prompt=negative_prompt or "")
             out = backend.from_model_latent(res.latents)
         hw = tuple(res.latents.shape[2:])
-        mask = local_blend_mask_image(res.weights, hw, backend.vae_scale)     # None (nothing integrated): all one
+        mask = image_mask(res.weights, hw, backend.vae_scale)     # None (nothing integrated): all one
         if res.weights is None:
             mask = mask.expand(out.shape[0], -1, -1)
         log.info("customedit: DCI %d of %d steps integrated, auxiliary prompt %r", res.integrated_steps, steps,
                  res.auxiliary_prompt)
-        return io.NodeOutput({"samples": out}, mask)
+        latent = inversion_latent_out(out, inversion) if inversion is not None else latent_out(out, latent_image)
+        return io.NodeOutput(latent, mask, ui=ui.PreviewMask(mask, cls=cls))
 
 
 NODES = [DCISample]

@@ -1,60 +1,19 @@
 """Schemas of the inversion / Prompt-to-Prompt nodes; each calls one core function."""
 from __future__ import annotations
 
-import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ._checked import CheckedNode
+from ._shared import Inversion, CATEGORY, MODEL_TIP, CLIP_TIP, need_prompt, words_in_prompt, renamed, latent_samples, host_keys, latent_out, inversion_latent_out, check_inversion
+from ..customedit_core.word_lists import parse_words, parse_reweight
 
-from ..customedit_core.backends.comfy import ComfyBackend, core_context, local_blend_mask_image
+from ..customedit_core.backends.comfy import ComfyBackend, core_context
+from ..customedit_core.masks import image_mask
 from ..customedit_core.edit import P2PSettings, p2p_edit
 from ..customedit_core.errors import InputError
 from ..customedit_core.inversion import METHODS, invert
 from ..customedit_core.maps import attention_maps
-
-Inversion = io.Custom("CE_INVERSION")
-CATEGORY = "customedit"
-
-
-def parse_words(text: str, input_name: str) -> tuple:
-    """'teapot, red car' -> ('teapot', 'red car'); empty -> ()."""
-    if not isinstance(text, str):
-        raise InputError(input_name, f"expected comma-separated words, got {type(text).__name__}")
-    words = (" ".join(w.split()) for w in text.split(","))
-    return tuple(w for w in words if w)          # stray commas are forgiven
-
-
-def parse_reweight(text: str, input_name: str = "reweight") -> dict:
-    """'dog:2, grass:-1' -> {'dog': 2.0, 'grass': -1.0}; empty -> {}."""
-    out = {}
-    for entry in parse_words(text, input_name):
-        word, sep, value = entry.rpartition(":")
-        word = word.strip()
-        if not sep or not word:
-            raise InputError(input_name, f"entry {entry!r} is not 'word:weight'; expected e.g. 'dog:2, grass:-1'")
-        try:
-            out[word] = float(value)
-        except ValueError:
-            raise InputError(input_name, f"weight {value.strip()!r} of {word!r} is not a number; "
-                                         "expected e.g. 'dog:2, grass:-1'") from None
-        if out[word] != out[word] or abs(out[word]) > 100:
-            raise InputError(input_name, f"weight of {word!r} must be a finite number in [-100, 100], got {value.strip()}")
-    return out
-
-
-def _need_prompt(text, input_name: str, hint: str) -> None:
-    """A constant prompt widget must say something (None: it comes through a link)."""
-    if isinstance(text, str) and not text.strip():
-        raise InputError(input_name, f"is empty; {hint}")
-
-
-def _renamed(err: InputError, names: dict) -> InputError:
-    """The same error naming this node's input instead of the core's parameter."""
-    if err.input_name not in names:
-        return err
-    problem = str(err)[len(err.input_name) + 2:]
-    return InputError(names[err.input_name], problem)
-
+from ..customedit_core.work_size import check_work_size
 
 class NullTextInvert(CheckedNode):
     @classmethod
@@ -66,8 +25,8 @@ class NullTextInvert(CheckedNode):
             description="Inverts an image's latent along a deterministic DDIM trajectory so that it can be "
                         "edited with Prompt-to-Prompt. Also returns the reconstruction, to check the inversion.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
+                io.Model.Input("model", tooltip=MODEL_TIP),
+                io.Clip.Input("clip", tooltip=CLIP_TIP),
                 io.Latent.Input("latent", tooltip="One image encoded with this model's VAE."),
                 io.String.Input("source_prompt", multiline=True, default="",
                                 tooltip="A description of the image as it is."),
@@ -81,24 +40,32 @@ class NullTextInvert(CheckedNode):
                              tooltip="Null-text optimisation steps per timestep."),
             ],
             outputs=[
-                Inversion.Output(display_name="inversion"),
-                io.Latent.Output(display_name="reconstruction"),
+                Inversion.Output(display_name="inversion",
+                                 tooltip="The inverted trajectory, for Prompt-to-Prompt Edit, SpecRef Edit, "
+                                         "Attention Maps or DCI Sample (with this model and step count)."),
+                io.Latent.Output(display_name="reconstruction",
+                                 tooltip="The image walked back down with the source prompt (for VAE Decode): "
+                                         "how faithful an edit's unchanged parts can be."),
             ],
         )
 
     @classmethod
     def check_inputs(cls, source_prompt=None, **_):
-        _need_prompt(source_prompt, "source_prompt", "describe the image as it is, e.g. 'a photo of a cat'")
+        need_prompt(source_prompt, "source_prompt", "describe the image as it is, e.g. 'a photo of a cat'")
 
     @classmethod
     def execute(cls, model, clip, latent, source_prompt, steps, guidance, method, inner_steps) -> io.NodeOutput:
         backend = ComfyBackend(model, clip)
+        samples = latent_samples(backend, latent)
+        check_work_size(f"invert_{method}", samples.shape[2:], steps, vae_scale=backend.vae_scale,
+                        inner_steps=inner_steps)
         with core_context():
-            z = backend.to_model_latent(_samples(latent))
+            z = backend.to_model_latent(samples)
             inv = invert(backend, z, source_prompt, steps=steps, guidance=guidance, method=method,
                          inner_steps=inner_steps)
             recon = backend.from_model_latent(inv.reconstruction)
-        return io.NodeOutput(inv, {"samples": recon})
+        inv.host_latent = host_keys(latent)         # edits of this image return them (latent_out)
+        return io.NodeOutput(inv, latent_out(recon, latent))
 
 
 class P2PEdit(CheckedNode):
@@ -111,9 +78,9 @@ class P2PEdit(CheckedNode):
             description="Edits an inverted image by changing its prompt, keeping the layout through the source's "
                         "attention maps (Prompt-to-Prompt), optionally only inside a local-blend mask.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                Inversion.Input("inversion"),
+                io.Model.Input("model", tooltip="The model the image was inverted with."),
+                io.Clip.Input("clip", tooltip=CLIP_TIP),
+                Inversion.Input("inversion", tooltip="The image inverted by Invert Image (same model, its steps)."),
                 io.String.Input("target_prompt", multiline=True, default="",
                                 tooltip="The source prompt with the edit, e.g. a word swapped or added."),
                 io.Combo.Input("mode", options=["refine", "replace"], default="refine",
@@ -131,25 +98,34 @@ class P2PEdit(CheckedNode):
                                 tooltip="Target words whose region is added to the mask (unless source only)."),
                 io.Boolean.Input("blend_source_only", default=True, optional=True,
                                  tooltip="Mask from the source words alone (Custom-Edit's recipe)."),
-                io.Float.Input("blend_threshold", default=0.3, min=0.01, max=0.99, step=0.01, optional=True),
+                io.Float.Input("blend_threshold", default=0.3, min=0.01, max=0.99, step=0.01, optional=True,
+                               tooltip="The blend words' attention (scaled to a maximum of 1) above this is in "
+                                       "the mask; lower: a larger region changes."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Fraction of steps after which the local blend starts."),
             ],
             outputs=[
-                io.Latent.Output(display_name="edited"),
-                io.Mask.Output(display_name="blend_mask"),
+                io.Latent.Output(display_name="edited", tooltip="The edited image's latent, for VAE Decode."),
+                io.Mask.Output(display_name="blend_mask",
+                               tooltip="The local blend mask at the image's size (white: allowed to change); "
+                                       "all white without blend words."),
             ],
         )
 
     @classmethod
-    def check_inputs(cls, target_prompt=None, reweight=None, blend_words=None, blend_target_words=None, **_):
-        _need_prompt(target_prompt, "target_prompt", "give the source prompt with the edit")
+    def check_inputs(cls, target_prompt=None, reweight=None, blend_words=None, blend_target_words=None,
+                     blend_source_only=True, **_):
+        need_prompt(target_prompt, "target_prompt", "give the source prompt with the edit")
         if isinstance(reweight, str):
             parse_reweight(reweight)
+            words_in_prompt(reweight, target_prompt, "reweight", "the target prompt",
+                             lambda text, name: tuple(parse_reweight(text, name)))
         if isinstance(blend_target_words, str) and parse_words(blend_target_words, "blend_target_words") \
                 and isinstance(blend_words, str) and not parse_words(blend_words, "blend_words"):
             raise InputError("blend_words", "is empty but blend_target_words is set; a local blend needs at "
                                             "least one source word (the region to edit)")
+        if blend_source_only is False:              # the target words are used only then
+            words_in_prompt(blend_target_words, target_prompt, "blend_target_words", "the target prompt")
 
     @classmethod
     def execute(cls, model, clip, inversion, target_prompt, mode, cross_replace, self_replace, reweight="",
@@ -162,15 +138,17 @@ class P2PEdit(CheckedNode):
                                blend_target_words=target_words, blend_source_only=bool(blend_source_only),
                                blend_threshold=float(blend_threshold), blend_start=float(blend_start))
         backend = ComfyBackend(model, clip)
-        _check_inversion(inversion)
+        check_inversion(inversion)
+        check_work_size("p2p", inversion.source.shape[2:], inversion.steps, input_name="inversion",
+                        vae_scale=backend.vae_scale)
         try:
             with core_context():
                 res = p2p_edit(backend, inversion, target_prompt, settings)
                 edited = backend.from_model_latent(res.edited)
-                mask = local_blend_mask_image(res.mask, res.edited.shape[2:], backend.vae_scale)
+                mask = image_mask(res.mask, res.edited.shape[2:], backend.vae_scale)
         except InputError as e:
-            raise _renamed(e, {"blend_source_words": "blend_words"}) from None
-        return io.NodeOutput({"samples": edited}, mask)
+            raise renamed(e, {"blend_source_words": "blend_words"}) from None
+        return io.NodeOutput(inversion_latent_out(edited, inversion), mask, ui=ui.PreviewMask(mask, cls=cls))
 
 
 class AttentionMaps(CheckedNode):
@@ -183,35 +161,28 @@ class AttentionMaps(CheckedNode):
             description="Per-word cross-attention maps of the inverted image's source prompt, or of a target "
                         "prompt in a Prompt-to-Prompt edit; one image per word.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                Inversion.Input("inversion"),
+                io.Model.Input("model", tooltip="The model the image was inverted with."),
+                io.Clip.Input("clip", tooltip=CLIP_TIP),
+                Inversion.Input("inversion", tooltip="The image inverted by Invert Image (same model, its steps)."),
                 io.String.Input("target_prompt", multiline=True, default="", optional=True,
                                 tooltip="Empty: maps of the source prompt's words."),
             ],
-            outputs=[io.Image.Output(display_name="maps")],
+            outputs=[io.Image.Output(display_name="maps",
+                                     tooltip="One image per word (white: where it attends), also shown on the "
+                                             "node.")],
         )
 
     @classmethod
     def execute(cls, model, clip, inversion, target_prompt="") -> io.NodeOutput:
         backend = ComfyBackend(model, clip)
-        _check_inversion(inversion)
+        check_inversion(inversion)
+        target = (target_prompt or "").strip() or None
+        check_work_size("attention_maps", inversion.source.shape[2:], inversion.steps, input_name="inversion",
+                        vae_scale=backend.vae_scale, prompts=1 if target is None else 2)
         with core_context():
-            images = attention_maps(backend, inversion, (target_prompt or "").strip() or None)
-        return io.NodeOutput(images.float().cpu().contiguous())
+            images = attention_maps(backend, inversion, target)
+        images = images.float().cpu().contiguous()
+        return io.NodeOutput(images, ui=ui.PreviewImage(images, cls=cls))
 
 
 NODES = [NullTextInvert, P2PEdit, AttentionMaps]
-
-
-def _samples(latent, input_name: str = "latent") -> torch.Tensor:
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise InputError(input_name, "expected a LATENT (a dict with 'samples'), e.g. from VAE Encode")
-    return latent["samples"]
-
-
-def _check_inversion(inv):
-    from ..customedit_core.inversion import Inversion as Record
-
-    if not isinstance(inv, Record):
-        raise InputError("inversion", f"expected the output of Invert Image, got {type(inv).__name__}")

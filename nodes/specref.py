@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ._checked import CheckedNode
+from ._shared import Inversion, CATEGORY, CLIP_TIP, need_prompt, words_in_prompt, renamed, latent_samples, inversion_latent_out, check_inversion
+from ..customedit_core.word_lists import parse_words
 
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
 from ..customedit_core.errors import InputError
 from ..customedit_core.masks import image_mask, latent_mask
 from ..customedit_core.specref import ReferenceBank, extract_reference, specref_edit
-from .edit import CATEGORY, Inversion, _check_inversion, _renamed, _samples, parse_words
+from ..customedit_core.work_size import check_work_size
 
 ReferenceKV = io.Custom("CE_REFERENCE_KV")
 
@@ -33,6 +35,16 @@ def _levels():
     ]
 
 
+def _check_ranges(level_start=None, level_end=None, step_start=None, step_end=None):
+    """The level and step ranges are start <= end (each checked when both are widgets)."""
+    if isinstance(level_start, int) and isinstance(level_end, int) and level_end < level_start:
+        raise InputError("level_end", f"is {level_end}, below level_start ({level_start}); expected "
+                                      "level_start <= level_end")
+    if isinstance(step_start, (int, float)) and isinstance(step_end, (int, float)) and step_end < step_start:
+        raise InputError("step_end", f"is {step_end}, below step_start ({step_start}); expected "
+                                     "step_start <= step_end")
+
+
 class ReferenceKVExtract(CheckedNode):
     @classmethod
     def define_schema(cls):
@@ -45,8 +57,8 @@ class ReferenceKVExtract(CheckedNode):
                         "(also in the log) says how much memory they take. The optional mask M_s marks the "
                         f"reference object: an all-zero mask is an error, an all-one mask is the same as none. {MASKS}",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
+                io.Model.Input("model", tooltip="The model the source image is (or will be) inverted with."),
+                io.Clip.Input("clip", tooltip=CLIP_TIP),
                 io.Latent.Input("reference", tooltip="The reference image encoded with this model's VAE, at the "
                                                      "source image's size."),
                 io.String.Input("reference_prompt", multiline=True, default="",
@@ -58,10 +70,16 @@ class ReferenceKVExtract(CheckedNode):
                               tooltip="M_s: the reference object (1) to take; unconnected: the whole reference."),
             ],
             outputs=[
-                ReferenceKV.Output(display_name="reference_kv"),
-                io.String.Output(display_name="info"),
+                ReferenceKV.Output(display_name="reference_kv",
+                                   tooltip="The reference's keys and values, for SpecRef Edit (same model, steps "
+                                           "and image size)."),
+                io.String.Output(display_name="info", tooltip="What the bank holds and how much memory it takes."),
             ],
         )
+
+    @classmethod
+    def check_inputs(cls, level_start=None, level_end=None, step_start=None, step_end=None, **_):
+        _check_ranges(level_start, level_end, step_start, step_end)
 
     @classmethod
     def execute(cls, model, clip, reference, reference_prompt, steps, level_start, level_end, step_start, step_end,
@@ -69,8 +87,11 @@ class ReferenceKVExtract(CheckedNode):
         import comfy.model_management as mm
 
         backend = ComfyBackend(model, clip)
+        samples = latent_samples(backend, reference, "reference")
+        check_work_size("specref_extract", samples.shape[2:], steps, input_name="reference",
+                        vae_scale=backend.vae_scale)
         with core_context():
-            z = backend.to_model_latent(_samples(reference, "reference"))
+            z = backend.to_model_latent(samples)
             ms = latent_mask(mask, z.shape[2:], backend.vae_scale, "mask") if mask is not None else None
             bank = extract_reference(backend, z, reference_prompt, steps=steps, mask=ms, level_start=level_start,
                                      level_end=level_end, step_start=step_start, step_end=step_end,
@@ -93,10 +114,11 @@ class SpecRefEdit(CheckedNode):
                         "(local blend). Returns the edit and M_t. A given mask replaces M_t: all-zero returns the "
                         f"source unchanged, all-one lets the whole image take the reference. {MASKS}",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
+                io.Model.Input("model", tooltip="The model the source image was inverted with."),
+                io.Clip.Input("clip", tooltip=CLIP_TIP),
                 Inversion.Input("inversion", tooltip="The source image inverted (direct inversion suits SpecRef)."),
-                ReferenceKV.Input("reference_kv"),
+                ReferenceKV.Input("reference_kv", tooltip="From Extract Reference K/V, with the inversion's model, "
+                                                          "steps and image size."),
                 io.String.Input("target_prompt", multiline=True, default="",
                                 tooltip="The source prompt with the edit, e.g. 'a dog sitting next to a mirror'."),
                 io.String.Input("edited_words", default="",
@@ -112,10 +134,25 @@ class SpecRefEdit(CheckedNode):
                                tooltip="Fraction of steps after which the outside is kept as the source."),
             ],
             outputs=[
-                io.Latent.Output(display_name="edited"),
-                io.Mask.Output(display_name="mask_t"),
+                io.Latent.Output(display_name="edited", tooltip="The edited image's latent, for VAE Decode."),
+                io.Mask.Output(display_name="mask_t", tooltip="M_t at the image's size (white: took the reference), "
+                                                              "also shown on the node."),
             ],
         )
+
+    @classmethod
+    def check_inputs(cls, target_prompt=None, edited_words=None, source_words=None, level_start=None,
+                     level_end=None, step_start=None, step_end=None, inversion=None, **values):
+        need_prompt(target_prompt, "target_prompt", "give the source prompt with the edit, e.g. 'a photo of a dog'")
+        _check_ranges(level_start, level_end, step_start, step_end)
+        if "mask" in values:            # a fixed M_t (linked): the words are not used
+            return
+        if isinstance(edited_words, str) and not parse_words(edited_words, "edited_words"):
+            raise InputError("edited_words", "is empty; name the word(s) of the target prompt whose region takes "
+                                             "the reference (or connect a mask)")
+        words_in_prompt(edited_words, target_prompt, "edited_words", "the target prompt")
+        if getattr(inversion, "prompt", None) is not None:          # at execute: the inverted source prompt
+            words_in_prompt(source_words, inversion.prompt, "source_words", "the source prompt")
 
     @classmethod
     def execute(cls, model, clip, inversion, reference_kv, target_prompt, edited_words, level_start, level_end,
@@ -123,10 +160,12 @@ class SpecRefEdit(CheckedNode):
         words = parse_words(edited_words or "", "edited_words")
         sources = parse_words(source_words or "", "source_words")
         backend = ComfyBackend(model, clip)
-        _check_inversion(inversion)
+        check_inversion(inversion)
         if not isinstance(reference_kv, ReferenceBank):
             raise InputError("reference_kv", f"expected the output of Extract Reference K/V, got "
                                              f"{type(reference_kv).__name__}")
+        check_work_size("specref", inversion.source.shape[2:], inversion.steps, input_name="inversion",
+                        vae_scale=backend.vae_scale)
         try:
             with core_context():
                 hw = tuple(inversion.source.shape[2:])
@@ -137,8 +176,9 @@ class SpecRefEdit(CheckedNode):
                                    blend_start=blend_start)
                 edited = backend.from_model_latent(res.edited)
         except InputError as e:
-            raise _renamed(e, {"threshold": "blend_threshold", "reference": "reference_kv"}) from None
-        return io.NodeOutput({"samples": edited}, image_mask(res.mask, hw, backend.vae_scale))
+            raise renamed(e, {"threshold": "blend_threshold", "reference": "reference_kv"}) from None
+        mask_t = image_mask(res.mask, hw, backend.vae_scale)
+        return io.NodeOutput(inversion_latent_out(edited, inversion), mask_t, ui=ui.PreviewMask(mask_t, cls=cls))
 
 
 NODES = [ReferenceKVExtract, SpecRefEdit]

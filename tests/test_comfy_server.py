@@ -207,8 +207,30 @@ def test_bad_input_reports_the_input_name(server):
     assert errors[0]["exception_message"].startswith("target_prompt: ")
 
 
+def _through(prompt, node_id):
+    """The part of an API graph that runs for node_id: its outputs and what they need. ComfyUI queues
+    a graph's valid outputs and answers 200 when only some are refused; keeping just node_id's
+    outputs makes a refusal of node_id refuse the whole prompt (400)."""
+    parents = {k: [v[0] for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2]
+               for k, n in prompt.items()}
+    down = {node_id}
+    while True:
+        more = {k for k, ps in parents.items() if k not in down and down.intersection(ps)}
+        if not more:
+            break
+        down |= more
+    keep, todo = set(), list(down)
+    while todo:
+        k = todo.pop()
+        if k not in keep:
+            keep.add(k)
+            todo.extend(parents[k])
+    return {k: prompt[k] for k in keep}
+
+
 def _refused_at_queue_time(server, prompt, node_id, input_name):
     """POST /prompt answers 400 with the node's error naming the input; nothing was run."""
+    prompt = _through(prompt, node_id)
     before = len(server.get("/history"))
     status, body = server.post("/prompt", {"prompt": prompt, "client_id": "customedit-tests"})
     assert status == 400, body
@@ -220,6 +242,7 @@ def _refused_at_queue_time(server, prompt, node_id, input_name):
 
 @pytest.mark.parametrize("field,value", [("strength", float("nan")), ("strength", float("inf"))])
 def test_non_finite_numbers_are_refused_when_queued(server, field, value):
+    ensure_concept_file(server)               # so that the only thing wrong is the number
     prompt = patched("custom_edit", server)
     node = next(k for k, n in prompt.items() if n["class_type"] == "CustomEditLoadConcept")
     prompt[node]["inputs"][field] = value

@@ -115,8 +115,10 @@ def test_diffedit_mask_and_sample(comfy, models, latents):
     latent = latents[0]
     mask_args = dict(model=model, clip=clip, latent=latent, source_prompt=SOURCE, samples=2, strength=0.5,
                      threshold=0.5, seed=0)
-    (same,) = run(comfy, "CustomEditDiffEditMask", target_prompt=SOURCE, **mask_args)
-    assert same.shape == (1, PX, PX) and same.sum() == 0
+    # equal prompts (an all-zero mask, test_core_diffedit) are refused before any model work
+    msg = expect_input_error("target_prompt", run, comfy, "CustomEditDiffEditMask",
+                             target_prompt=" " + SOURCE.upper(), **mask_args)
+    assert "same as source_prompt" in msg
     (mask,) = run(comfy, "CustomEditDiffEditMask", target_prompt=TARGET, **mask_args)
     (again,) = run(comfy, "CustomEditDiffEditMask", target_prompt=TARGET, **mask_args)
     assert torch.equal(mask, again) and set(mask.unique().tolist()) <= {0.0, 1.0}

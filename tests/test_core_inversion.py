@@ -143,3 +143,18 @@ def test_steps_past_the_grid_are_refused():
 
     with pytest.raises(InputError, match="between 1 and 999"):
         Schedule(sd_alphas_cumprod(), 1000)
+
+
+@pytest.mark.parametrize("method, with_rec", [("null_text", True), ("ddim", True), ("ddim", False), ("direct", True)])
+def test_one_progress_bar_covers_the_whole_inversion(backend, z0, monkeypatch, method, with_rec):
+    """ComfyUI shows one bar per progress() call: an inversion opens one and fills it exactly once
+    (null-text used to fill a bar for the walk up, then restart for the optimisation)."""
+    bars = []
+
+    def progress(total):
+        bars.append([total, 0])
+        return lambda n=1: bars[-1].__setitem__(1, bars[-1][1] + n)
+    monkeypatch.setattr(backend, "progress", progress)
+    invert(backend, z0, "a red circle", steps=3, guidance=7.5, method=method, inner_steps=2,
+           with_reconstruction=with_rec)
+    assert len(bars) == 1 and bars[0][0] == bars[0][1] > 0, bars

@@ -12,6 +12,9 @@ import torch
 from ..attention import AttentionHook
 from ..tokens import PromptTokens, Tokenizer
 
+# what every backend accepts; refusals end with it (file loading words its own: single_file.SUPPORTED)
+SUPPORTED = "supported: SD1.x and SD2.x checkpoints (e.g. v1-5, v2-1), eps or v prediction"
+
 
 class Backend:
     tokenizer: Tokenizer

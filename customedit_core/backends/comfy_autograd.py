@@ -1,4 +1,9 @@
-"""Autograd through ComfyUI's models, whose loaded weights are inference tensors.
+"""ComfyUI's inference mode and autograd: ComfyUI runs nodes under `torch.inference_mode()` and
+its loaded weights are inference tensors.
+
+`core_context()` is where nodes call the core: inference mode off, no grad, so the tensors the
+core makes are ordinary ones. The rest makes autograd reach the text embedding without copying a
+weight, as follows.
 
 Autograd must save a layer's weight to send a gradient back through it, and inference tensors
 cannot be saved. ComfyUI's own trainer adds a weight wrapper to every weight; a wrapper makes
@@ -13,9 +18,33 @@ patcher of the model (the user's KSampler) loads, so the host's model is never c
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import torch.utils.dlpack
+
+
+@contextlib.contextmanager
+def core_context():
+    """Run core code from inside a ComfyUI node: ordinary (non-inference) tensors, no autograd."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def ordinary(t):
+    """t, or an ordinary copy of an inference tensor (those cannot be saved for backward)."""
+    return t.clone() if t.is_inference() else t
+
+
+def _identity(t):
+    return t
+
+
+def saving_copies(grad: bool):
+    """ComfyUI's text encoder adds residuals in place, which autograd refuses when the summand was
+    saved for backward; saving copies (only while a gradient is wanted) makes it differentiable."""
+    return torch.autograd.graph.saved_tensors_hooks(torch.clone, _identity) if grad else contextlib.nullcontext()
 
 
 def alias(t):

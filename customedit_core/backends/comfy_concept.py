@@ -15,7 +15,8 @@ import types
 from ..concept import Concept, check_base
 from ..errors import InputError
 from ..tokens import added_pattern, check_new_word
-from .comfy import WORDS_KEY, ComfyBackend
+from .comfy import ComfyBackend
+from .comfy_tokens import WORDS_KEY
 
 CLASSES_KEY = "customedit_classes"    # beside WORDS_KEY: concept word -> class word (DCI's plain prompt)
 

@@ -19,7 +19,7 @@ from ..attention import Site
 from ..errors import InputError
 from ..tokens import AddedWords, PromptTokens
 from ..unet_names import diffusers_to_ldm
-from .base import Backend, input_vectors, wants_grad
+from .base import SUPPORTED, Backend, input_vectors, wants_grad
 
 
 class HFTokenizer(AddedWords):
@@ -93,8 +93,7 @@ class DiffusersBackend(Backend):
         self.tokenizer = HFTokenizer(tokenizer)
         self.alphas_cumprod = alphas_cumprod if alphas_cumprod is not None else sd_alphas_cumprod()
         if prediction_type not in ("epsilon", "v_prediction"):
-            raise InputError("model", f"prediction type {prediction_type!r} is not supported "
-                                      "(supported: epsilon and v_prediction SD1.x/SD2.x models)")
+            raise InputError("model", f"prediction type {prediction_type!r} is not supported; {SUPPORTED}")
         self.prediction_type = prediction_type
         self.device = torch.device(device) if device else next(unet.parameters()).device
         self.dtype = dtype
