@@ -1,4 +1,5 @@
-"""`python -m customedit_core edit|maps|info ...` (see cli.py)."""
+"""`python -m customedit_core <command> ...`: edit, maps, diffedit, specref, train-concept, dci,
+import-concept, info (see cli.py, or `python -m customedit_core <command> --help`)."""
 import sys
 
 from .cli import main

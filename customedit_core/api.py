@@ -205,10 +205,12 @@ class Pipeline:
 
     # --- concepts (Custom Diffusion) -------------------------------------------------------
     def train_concept(self, images, class_word: str, token: str = "<new1>", masks=None, class_images=None,
-                      size: Optional[int] = None, **settings):
+                      size: Optional[int] = None, on_step: Optional[Callable[[int, float], None]] = None,
+                      **settings):
         """Learn a concept from reference images (PIL images, arrays or an [N, H, W, 3] tensor in 0..1,
-        resized to one size); keywords: see customize.TrainSettings. Returns a TrainResult whose
-        `.concept` goes to `load_concept` or `concept.save`. The pipeline's model is left unchanged."""
+        resized to one size); keywords: see customize.TrainSettings. on_step(step, loss) after each
+        step (progress). Returns a TrainResult whose `.concept` goes to `load_concept` or
+        `concept.save`. The pipeline's model is left unchanged."""
         from .customize import TrainSettings, train_concept
 
         refs = self._image_batch(images, size, "images")
@@ -216,7 +218,8 @@ class Pipeline:
                                                                   like=refs)
         m = None if masks is None else self._mask_batch(masks, refs)
         s = TrainSettings(token=token, class_word=class_word, **settings)
-        return train_concept(self.backend, refs, self._encode_pixels, s, masks=m, class_images=cls)
+        return train_concept(self.backend, refs, self._encode_pixels, s, masks=m, class_images=cls,
+                             on_step=on_step)
 
     def load_concept(self, concept, strength: float = 1.0) -> list:
         """Add a concept (a Concept or a .safetensors path) to this pipeline's model: its word works in

@@ -1,27 +1,39 @@
-"""Command line: `python -m customedit_core edit|maps|diffedit|specref|info ...`, fully offline.
+"""Command line, fully offline:
+`python -m customedit_core edit|maps|diffedit|specref|train-concept|dci|import-concept|info ...`
 
     python -m customedit_core edit --model sd15.safetensors --image cat.png \\
         --source "a photo of a cat" --target "a photo of a striped cat" --blend-words cat --out out.png
 
-writes one PNG: source | reconstruction | edit (| mask). Without --model the shipped toy-world
-model is used (trained on procedural scenes); without --image the model folder's demo scene is
-used when it ships one (demo.png + demo.json, as the toy-world model does), else a drawn scene
-of a red circle on grass.
+Each image command writes one PNG, a row of panels (edit: source | reconstruction | edit (| mask)),
+composed by panels.py: every panel scaled up by a whole factor to at least 256 px, its name in a
+white strip above it. The model works at its own size; only the picture is scaled. Without --model
+the shipped toy-world model is used (trained on procedural scenes, 64 px); without --image the
+model folder's demo scene is used when it ships one (demo.png + demo.json, as the toy-world model
+does), else a drawn scene of a red circle on grass. Every command checks its inputs and output
+paths before loading the model, and logs one line of what it used.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import sys
 import time
 
+from .errors import InputError
+from .word_lists import parse_reweight
+from .inversion import METHODS
+
 SCENE_PROMPT = "a red circle on green grass"
 SCENE_TARGET = "a yellow circle on green grass"
 DEMO_FILES = ("demo.json", "demo.png")     # a model folder's own demo: {"source", "target"} and its image
+NATIVE = ("the model's native size: 64 px for the toy-world model, the UNet's sample size times the VAE "
+          "factor for a diffusers folder, 512 px for a single .safetensors file")
+NO_IMAGE = "the model folder's demo.png when it ships one with demo.json, else a drawn red circle on grass"
 
 
+# --- the demo scene --------------------------------------------------------------------------
 def _demo_files(pipe):
     """(demo.json, demo.png) paths when the loaded model folder ships both, else None."""
     paths = tuple(os.path.join(pipe.source, f) for f in DEMO_FILES)
@@ -48,6 +60,7 @@ def _scene_image(pipe, side):
     return api.demo_scene(side)
 
 
+# --- argument types ---------------------------------------------------------------------------
 def _window(text: str):
     parts = [p for p in text.replace(":", ",").split(",") if p.strip()]
     try:
@@ -62,74 +75,88 @@ def _window(text: str):
 
 
 def _reweight(items) -> dict:
-    out = {}
-    for item in items or ():
-        for part in item.split(","):
-            if not part.strip():
-                continue
-            word, sep, value = part.rpartition(":")
-            if not sep or not word.strip():
-                raise _Bad("reweight", f"expected WORD:WEIGHT (e.g. striped:2), got {part!r}")
-            try:
-                out[word.strip()] = float(value)
-            except ValueError:
-                raise _Bad("reweight", f"the weight in {part!r} is not a number") from None
-            if not math.isfinite(out[word.strip()]):
-                raise _Bad("reweight", f"the weight in {part!r} must be a finite number")
-    return out
+    """--reweight values (repeatable, each comma-separated) -> {word: weight}, by the nodes' rules."""
+    return parse_reweight(",".join(items or ()), "reweight")
 
 
-class _Bad(Exception):
-    def __init__(self, name, msg):
-        super().__init__(f"{name}: {msg}")
+# --- the parser -------------------------------------------------------------------------------
+class _Help(argparse.HelpFormatter):
+    """States each option's real default once: appended from the parser unless the help already
+    describes it (a default of None, False or '' means 'decided at run time' and is described in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or "default" in text or d is None or d is False or d == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {'empty' if d == '' else '%(default)s'})"
 
 
-def _add_model_args(p):
+def _model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", help="diffusers-format folder or SD1.x/SD2.x .safetensors checkpoint "
                                    "(default: the shipped toy-world model)")
-    g.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file checkpoint (default: a "
-                                       "'tokenizer' folder next to it, else CLIP's vocabulary built in)")
+    g.add_argument("--tokenizer", help="CLIP tokenizer folder (default: a diffusers folder's own tokenizer/; for a "
+                                       "single file a 'tokenizer' folder next to it, else CLIP's vocabulary built in)")
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   help="override what is read from the model or inferred")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet/text encoder precision "
-                                                                    "(default fp16 on cuda, fp32 on cpu)")
+                   help="what the UNet predicts (default: a folder's scheduler config, else epsilon; inferred "
+                        "from a single file's weights)")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="UNet/text encoder precision (default: fp16 on cuda, fp32 on cpu; the VAE runs in fp32)")
     g.add_argument("--concept", action="append", metavar="FILE",
                    help="load a concept (.safetensors from train-concept or ComfyUI's Save Concept) so its word "
                         "works in the prompts; repeatable")
 
 
-def _add_inversion_args(p):
-    g = p.add_argument_group("image and inversion")
-    g.add_argument("--image", help="input image (default: the model's demo scene, else a drawn red circle on grass)")
-    g.add_argument("--size", type=int, help="resize so the longer side is SIZE px, sides rounded to the "
-                                            "model's pixel multiple (default: the model's native size)")
-    g.add_argument("--source", help="prompt describing the input image (default for the drawn scene: "
-                                    f"{SCENE_PROMPT!r})")
-    g.add_argument("--method", default="null_text", choices=["null_text", "negative_prompt", "direct", "ddim"],
-                   help="inversion method (default null_text)")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
-    g.add_argument("--inner-steps", type=int, default=10,
-                   help="null-text optimisation steps per timestep (default 10)")
+def _image_args(g, image_help=f"input image (default: {NO_IMAGE})", source_help=None,
+                size_help="longer side of the image in px, sides rounded to the model's pixel multiple "
+                          f"(default: {NATIVE})"):
+    g.add_argument("--image", help=image_help)
+    g.add_argument("--size", type=int, help=size_help)
+    g.add_argument("--allow-large", action="store_true",
+                   help="run images over 2048 px too (refused without it: hours on a CPU)")
+    g.add_argument("--source", help=source_help or "prompt describing the input image; needed with --image "
+                                                   "(default without it: the demo's source prompt from demo.json, "
+                                                   f"else {SCENE_PROMPT!r})")
 
 
-def _add_edit_args(p, required_target: bool):
-    g = p.add_argument_group("Prompt-to-Prompt edit")
-    g.add_argument("--target", action="append", required=required_target, metavar="PROMPT",
-                   help="edited prompt (repeat for several edits in one batch)"
-                   + ("" if required_target else "; without it the source prompt's maps are shown"))
+def _target_help(what):
+    return (f"{what}; needed with --image (default without it: the demo's target prompt from demo.json, "
+            f"else {SCENE_TARGET!r})")
+
+
+def _sampling_args(g):
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance")
+
+
+def _inversion_args(g, method="null_text"):
+    g.add_argument("--method", default=method, choices=METHODS,
+                   help="inversion method: null_text optimises per-step unconditional embeddings (most faithful, "
+                        "slowest); negative_prompt and direct need no optimisation; ddim is plain DDIM inversion")
+    g.add_argument("--inner-steps", type=int, default=10, help="null-text optimisation steps per timestep, "
+                                                               "null_text only")
+
+
+def _picture_args(p, panels):
+    p.add_argument("--no-labels", action="store_true", help="leave out the white strip with the panel names")
+    p.add_argument("--out", required=True, help=f"output PNG: {panels}, each panel scaled up (nearest "
+                                                "neighbour, a whole factor) to at least 256 px")
+
+
+def _edit_args(p, title="Prompt-to-Prompt edit"):
+    g = p.add_argument_group(title)
     g.add_argument("--mode", default="refine", choices=["refine", "replace"],
                    help="refine: words added/changed (global token alignment); replace: word swap with the "
-                        "same number of words (default refine)")
+                        "same number of words")
     g.add_argument("--cross-replace", type=_window, default=0.8, metavar="F|START,END",
-                   help="fraction of steps with injected cross-attention (default 0.8)")
+                   help="fraction of steps with injected cross-attention")
     g.add_argument("--self-replace", type=_window, default=0.5, metavar="F|START,END",
-                   help="fraction of steps with injected self-attention (default 0.5)")
+                   help="fraction of steps with injected self-attention")
     g.add_argument("--self-max-side", type=float, metavar="F",
-                   help="inject self-attention in layers up to this fraction of the latent side (1: all; default "
-                        "0.5, the reference's, unless the model folder's customedit.json says otherwise)")
+                   help="inject self-attention in layers up to this fraction of the latent side, 1: all "
+                        "(default: the model folder's customedit.json, else 0.5, the reference's)")
     g.add_argument("--edit-uncond", choices=["inversion", "empty"],
                    help="the edit rows' unconditional embedding: the inversion's (the reference) or the empty "
                         "prompt's (default: the model folder's customedit.json, else inversion)")
@@ -139,105 +166,130 @@ def _add_edit_args(p, required_target: bool):
     g.add_argument("--blend-target-words", nargs="+", metavar="WORD",
                    help="target word(s) whose mask is united with the source words' mask")
     g.add_argument("--blend-both", action="store_true",
-                   help="unite the source mask with the same words' mask in the target (P2P's recipe)")
-    g.add_argument("--blend-threshold", type=float, default=0.3, help="mask threshold (default 0.3)")
-    g.add_argument("--blend-start", type=float, default=0.2,
-                   help="fraction of steps after which blending starts (default 0.2)")
+                   help="unite the source mask with the same words' mask in the target (P2P's recipe; "
+                        "--blend-target-words, when given, names the target's words instead)")
+    g.add_argument("--blend-threshold", type=float, default=0.3, help="mask threshold")
+    g.add_argument("--blend-start", type=float, default=0.2, help="fraction of steps after which blending starts")
     g.add_argument("--reweight", action="append", metavar="WORD:W",
-                   help="scale the edit's attention to a target word, e.g. striped:2 (repeatable, or "
-                        "comma-separated)")
+                   help="scale the edit's attention to a target word, e.g. striped:2, weights in [-100, 100] "
+                        "(repeatable, or comma-separated)")
+    return g
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m customedit_core",
-                                 description="Text-driven image editing (inversion + Prompt-to-Prompt), offline.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("edit", help="invert an image and edit it; writes source | reconstruction | edit(s)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(e)
-    _add_inversion_args(e)
-    _add_edit_args(e, required_target=False)
-    e.add_argument("--show-mask", action="store_true", help="append the local-blend mask(s) as panels")
-    e.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
-    e.add_argument("--out", required=True, help="output PNG")
-    m = sub.add_parser("maps", help="per-word cross-attention maps of the source (or of an edit) as a PNG grid")
-    _add_model_args(m)
-    _add_inversion_args(m)
-    _add_edit_args(m, required_target=False)
-    m.add_argument("--columns", type=int, default=0, help="grid columns (default: all in one row up to 8)")
-    m.add_argument("--no-labels", action="store_true", help="do not write the words on the maps")
-    m.add_argument("--out", required=True, help="output PNG")
-    d = sub.add_parser("diffedit", help="DiffEdit: find the region a target prompt changes, edit only there; "
-                                        "writes source | mask | edit", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(d)
-    g = d.add_argument_group("image and prompts")
-    g.add_argument("--image", help="input image (default: the model's demo scene, else a drawn red circle on grass)")
-    g.add_argument("--size", type=int, help="longer side in px (default: the model's native size)")
-    g.add_argument("--source", help=f"query prompt: what is in the image (default for the drawn scene: {SCENE_PROMPT!r})")
-    g.add_argument("--target", help=f"target prompt (default for the drawn scene: {SCENE_TARGET!r})")
-    g = d.add_argument_group("mask")
+def _edit_parser(sub):
+    p = sub.add_parser("edit", help="invert an image and edit it; writes source | reconstruction | edit(s)",
+                       formatter_class=_Help)
+    _model_args(p)
+    g = p.add_argument_group("image and inversion")
+    _image_args(g)
+    _inversion_args(g)
+    _sampling_args(g)
+    _edit_args(p).add_argument("--target", action="append", metavar="PROMPT",
+                               help=_target_help("edited prompt, repeat for several edits in one batch"))
+    p.add_argument("--show-mask", action="store_true", help="append the local-blend mask(s) as panels")
+    _picture_args(p, "source | reconstruction | edit(s) (| mask(s))")
+
+
+def _maps_parser(sub):
+    p = sub.add_parser("maps", help="per-word cross-attention maps of the source (or of an edit) as a PNG grid",
+                       formatter_class=_Help)
+    _model_args(p)
+    g = p.add_argument_group("image and inversion")
+    _image_args(g)
+    _inversion_args(g)
+    _sampling_args(g)
+    _edit_args(p, "Prompt-to-Prompt edit (with --target)").add_argument(
+        "--target", action="append", metavar="PROMPT",
+        help="draw the maps of this edited prompt's words (give it once; default: the source prompt's words, no edit)")
+    p.add_argument("--columns", type=int, default=0, help="grid columns; 0 puts up to 8 panels in a row")
+    _picture_args(p, "the image, then one map per word")
+
+
+def _diffedit_parser(sub):
+    p = sub.add_parser("diffedit", help="DiffEdit: find the region a target prompt changes, edit only there; "
+                                        "writes source | mask | edit", formatter_class=_Help)
+    _model_args(p)
+    g = p.add_argument_group("image and prompts")
+    _image_args(g, source_help="query prompt, what is in the image; needed with --image (default without it: "
+                               f"the demo's source prompt from demo.json, else {SCENE_PROMPT!r})")
+    g.add_argument("--target", help=_target_help("target prompt"))
+    g = p.add_argument_group("mask")
     g.add_argument("--mask", help="a mask image (white = edit) instead of finding one")
     g.add_argument("--samples", type=int, default=10, help="noise samples for the mask")
     g.add_argument("--strength", type=float, default=0.5, help="noise strength of the samples")
-    g.add_argument("--threshold", type=float, default=0.5, help="mask threshold (0.5 = above 1.5x the mean)")
+    g.add_argument("--threshold", type=float, default=0.5, help="mask threshold, 0.5 keeps cells above 1.5x the mean")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise samples")
-    g = d.add_argument_group("sampling")
+    g = p.add_argument_group("sampling")
     g.add_argument("--encoding-ratio", type=float, default=0.8, help="fraction of the steps encoded and decoded")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the decoding")
-    d.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
-    d.add_argument("--out", required=True, help="output PNG")
-    r = sub.add_parser("specref", help="SpecRef: edit a region after a reference image; writes source | "
-                                       "reference | edit | M_t", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(r)
-    _add_inversion_args(r)
-    r.set_defaults(method="direct")
-    g = r.add_argument_group("reference and edit")
-    g.add_argument("--reference", help="reference image, resized to the source's size (default: the drawn "
-                                       "scene mirrored)")
-    g.add_argument("--reference-prompt", default="", help="prompt of the reference (may be empty)")
-    g.add_argument("--reference-mask", help="mask image of the reference object M_s (white = object)")
-    g.add_argument("--target", help=f"edited prompt (default for the drawn scene: {SCENE_TARGET!r})")
+    _sampling_args(g)
+    _picture_args(p, "source | mask | edit")
+
+
+def _specref_parser(sub):
+    p = sub.add_parser("specref", help="SpecRef: edit a region after a reference image; writes source | "
+                                       "reference | edit | M_t", formatter_class=_Help)
+    _model_args(p)
+    g = p.add_argument_group("image and inversion")
+    _image_args(g)
+    _inversion_args(g, method="direct")
+    _sampling_args(g)
+    g = p.add_argument_group("reference and edit")
+    g.add_argument("--reference", help="reference image, resized to the source's size (default: the source image "
+                                       "mirrored left to right)")
+    g.add_argument("--reference-prompt", default="", help="prompt of the reference")
+    g.add_argument("--reference-mask", help="mask image of the reference object M_s (white = object; default: "
+                                            "the whole reference)")
+    g.add_argument("--target", help=_target_help("edited prompt"))
     g.add_argument("--edited-words", nargs="+", metavar="WORD",
-                   help="target word(s) whose region takes the reference (default for the drawn scene: circle)")
+                   help="target word(s) whose region takes the reference; needed with --image unless --mask "
+                        "is given (default without both: circle)")
     g.add_argument("--source-words", nargs="+", metavar="WORD", help="source word(s) whose region joins the blend")
     g.add_argument("--mask", help="a mask image (white = edit) as M_t instead of the words' attention")
-    g.add_argument("--threshold", type=float, default=0.3, help="M_t threshold: 0.3 added words, 0.5 a swapped word")
+    g.add_argument("--threshold", type=float, default=0.3, help="M_t threshold: 0.3 for added words, 0.5 for a "
+                                                                "swapped word")
     g.add_argument("--level-start", type=int, default=0, help="first decoder level (0 = finest resolution)")
     g.add_argument("--level-end", type=int, default=1, help="last decoder level (inclusive)")
     g.add_argument("--step-start", type=float, default=0.08, help="fraction of steps where the reference starts")
     g.add_argument("--step-end", type=float, default=1.0, help="fraction of steps where the reference ends")
     g.add_argument("--blend-start", type=float, default=0.2, help="fraction of steps after which the outside "
                                                                   "is kept")
-    r.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
-    r.add_argument("--out", required=True, help="output PNG")
-    c = sub.add_parser("train-concept", help="teach the model a new word from 3-5 reference images (Custom "
-                                             "Diffusion); writes a concept file", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(c)
-    g = c.add_argument_group("concept")
-    g.add_argument("--images", nargs="+", required=True, help="reference images of one thing")
+    _picture_args(p, "source | reference | edit | M_t")
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train-concept", help="teach the model a new word from 3-5 reference images (Custom "
+                                             "Diffusion); writes a concept file", formatter_class=_Help)
+    _model_args(p)
+    g = p.add_argument_group("concept")
+    g.add_argument("--images", nargs="+", required=True, help="reference images of one thing, of one size")
     g.add_argument("--masks", nargs="+", help="object masks, one per image (white = object)")
     g.add_argument("--class-word", required=True, help="what it is: dog, teapot, dress...")
     g.add_argument("--token", default="<new1>", help="the new word")
-    g.add_argument("--class-images", nargs="+", help="your class images (default: generated by the model)")
-    g.add_argument("--size", type=int, help="longer side in px (default: the model's native size)")
-    g.add_argument("--steps", type=int, default=250)
-    g.add_argument("--lr", type=float, default=1e-5, help="learning rate before scaling by batch size")
-    g.add_argument("--batch-size", type=int, default=2)
-    g.add_argument("--prior-weight", type=float, default=1.0)
-    g.add_argument("--num-class-images", type=int, default=16, help="generated class images")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--class-images", nargs="+", help="your class images for the prior loss (default: "
+                                                     "--num-class-images generated by the model)")
+    g.add_argument("--size", type=int, help=f"longer side of the images in px (default: {NATIVE})")
+    g.add_argument("--steps", type=int, default=250, help="training steps")
+    g.add_argument("--lr", type=float, default=1e-5, help="learning rate, multiplied by the batch size (and by "
+                                                          "2 with the prior loss) as the reference does")
+    g.add_argument("--batch-size", type=int, default=2, help="reference views per step")
+    g.add_argument("--prior-weight", type=float, default=1.0, help="weight of the class images' prior loss")
+    g.add_argument("--num-class-images", type=int, default=16, help="class images generated when --class-images "
+                                                                    "is not given (0: no prior loss)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the augmentations and the class images")
     g.add_argument("--ico", action="store_true", help="image-specific context optimisation")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="training precision")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--export", action="store_true", help="also write <out>.lora.safetensors (LoraLoader) and "
                                                          "<out>.embedding.safetensors (embedding:) for ComfyUI")
     g.add_argument("--loss-plot", help="write the loss curve to this PNG")
-    c.add_argument("--out", required=True, help="concept file (.safetensors)")
-    x = sub.add_parser("dci", help="DCI: sample a loaded concept with its context kept (Divide, Conquer, then "
-                                   "Integrate); writes plain | DCI | concept weight", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(x)
-    g = x.add_argument_group("DCI")
+    p.add_argument("--out", required=True, help="concept file (.safetensors)")
+
+
+def _dci_parser(sub):
+    p = sub.add_parser("dci", help="DCI: sample a loaded concept with its context kept (Divide, Conquer, then "
+                                   "Integrate); writes plain | DCI | concept weight", formatter_class=_Help)
+    _model_args(p)
+    g = p.add_argument_group("DCI")
     g.add_argument("--prompt", required=True, help="prompt with the concept word, e.g. 'a photo of a <new1> dog on "
                                                    "the beach'")
     g.add_argument("--auxiliary-prompt", default="", help="the plain prompt of the auxiliary branch (default: the "
@@ -247,152 +299,176 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fraction", type=float, default=0.3, help="share of the steps with both branches")
     g.add_argument("--balance", type=float, default=0.0, help="lambda: > 0 favours the concept, < 0 the context")
     g.add_argument("--negative", default="", help="negative prompt (not with --image)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--size", type=int, help="side in px (default: the model's native size: 512 for SD1.x, 64 for "
-                                            "the toy-world model); with --image its longer side")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--image", help="edit this image from its inversion instead of sampling from noise")
-    g.add_argument("--source", help="prompt describing --image")
-    g.add_argument("--method", default="null_text", choices=["null_text", "negative_prompt", "direct", "ddim"],
-                   help="inversion method for --image")
-    g.add_argument("--inner-steps", type=int, default=10, help="null-text optimisation steps per timestep")
-    x.add_argument("--no-labels", action="store_true", help="do not write panel names on the images")
-    x.add_argument("--out", required=True, help="output PNG")
-    im = sub.add_parser("import-concept", help="convert diffusers' Custom Diffusion output (safetensors) into a "
-                                               "concept file; needs the base model")
-    _add_model_args(im)
-    im.add_argument("--weights", required=True, help="pytorch_custom_diffusion_weights.safetensors")
-    im.add_argument("--embedding", action="append", required=True, metavar="TOKEN=FILE",
-                    help="<token>.safetensors of each modifier token, e.g. '<new1>=out/<new1>.safetensors'")
-    im.add_argument("--class-word", action="append", required=True, metavar="TOKEN=WORD",
-                    help="class word of each token, e.g. '<new1>=dog'")
-    im.add_argument("--out", required=True, help="concept file (.safetensors)")
-    i = sub.add_parser("info", help="load a model and print what was detected")
-    _add_model_args(i)
+    g.add_argument("--seed", type=int, default=0, help="seed of the starting noise (without --image)")
+    _sampling_args(g)
+    g = p.add_argument_group("start from an image instead of noise")
+    _image_args(g, image_help="edit this image from its inversion instead of sampling from noise",
+                source_help="prompt describing --image; needed with it",
+                size_help=f"side of the sampled square in px, with --image the image's longer side (default: {NATIVE})")
+    _inversion_args(g)
+    _picture_args(p, "(source |) plain | DCI (| concept weight)")
+
+
+def _import_parser(sub):
+    p = sub.add_parser("import-concept", help="convert diffusers' Custom Diffusion output (safetensors) into a "
+                                              "concept file; needs the base model", formatter_class=_Help)
+    _model_args(p)
+    p.add_argument("--weights", required=True, help="pytorch_custom_diffusion_weights.safetensors")
+    p.add_argument("--embedding", action="append", required=True, metavar="TOKEN=FILE",
+                   help="<token>.safetensors of each modifier token, e.g. '<new1>=out/<new1>.safetensors'")
+    p.add_argument("--class-word", action="append", required=True, metavar="TOKEN=WORD",
+                   help="class word of each token, e.g. '<new1>=dog'")
+    p.add_argument("--out", required=True, help="concept file (.safetensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m customedit_core", formatter_class=_Help,
+                                 description="Text-driven image editing (inversion + Prompt-to-Prompt), offline.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_edit_parser, _maps_parser, _diffedit_parser, _specref_parser, _train_parser, _dci_parser,
+                _import_parser):
+        add(sub)
+    _model_args(sub.add_parser("info", help="load a model and print what was detected", formatter_class=_Help))
     return ap
 
 
-def _settings(a, model_defaults=None):
-    """The edit's P2PSettings: the command line's values over the model's own defaults."""
-    from .edit import P2PSettings
+# --- checks before any work -------------------------------------------------------------------
+def _check_out(path, input_name="out", suffix=".png"):
+    """An output path that can be written: the right suffix, not a folder, its folder made if missing."""
+    if not path.lower().endswith(suffix):
+        raise InputError(input_name, f"expected a {suffix} file name, got {path!r}")
+    if os.path.isdir(path):
+        raise InputError(input_name, f"{path!r} is a folder; expected a {suffix} file name")
+    d = os.path.dirname(os.path.abspath(path))
+    up = d
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise InputError(input_name, f"cannot write {path!r}: {up!r} is a file, not a folder")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise InputError(input_name, f"cannot create the folder {d!r}: {e.strerror}") from None
+    if not os.access(d, os.W_OK):
+        raise InputError(input_name, f"cannot write into the folder {d!r}")
 
-    target_words = tuple(a.blend_target_words or ())
-    if a.blend_both:
-        if not a.blend_words:
-            raise _Bad("blend_both", "needs --blend-words")
-        target_words = target_words or tuple(a.blend_words)
-    if target_words and not a.blend_words:
-        raise _Bad("blend_target_words", "local blend needs at least one source word (--blend-words)")
-    given = {k: getattr(a, k) for k in ("self_max_side", "edit_uncond") if getattr(a, k, None) is not None}
-    return P2PSettings(**{**(model_defaults or {}), **given}, mode=a.mode, cross_replace=a.cross_replace,
-                       self_replace=a.self_replace, reweight=_reweight(a.reweight),
-                       blend_source_words=tuple(a.blend_words or ()), blend_target_words=target_words,
-                       blend_threshold=a.blend_threshold, blend_start=a.blend_start)
+
+def _outputs(a):
+    """(path, input name, suffix) of every file the command writes."""
+    if a.command == "info":
+        return []
+    if a.command not in ("train-concept", "import-concept"):
+        return [(a.out, "out", ".png")]
+    out = [(a.out, "out", ".safetensors")]
+    if a.command == "train-concept":
+        stem = a.out[: -len(".safetensors")] if a.out.lower().endswith(".safetensors") else a.out
+        if a.export:
+            out += [(stem + ".lora.safetensors", "out", ".safetensors"),
+                    (stem + ".embedding.safetensors", "out", ".safetensors")]
+        if a.loss_plot:
+            out.append((a.loss_plot, "loss_plot", ".png"))
+    return out
 
 
-def _load(a, log):
+def _inputs(a):
+    """(path, input name) of every file the command reads, besides the model."""
+    files = [(p, "concept") for p in getattr(a, "concept", None) or ()]
+    for name in ("image", "mask", "reference", "reference_mask", "weights"):
+        if getattr(a, name, None):
+            files.append((getattr(a, name), name))
+    for name in ("images", "masks", "class_images"):
+        files += [(p, name) for p in getattr(a, name, None) or ()]
+    return files
+
+
+def _check_args(a):
+    """What can be judged from the command line alone, so a mistake costs no model load or inversion."""
+    for name in ("size", "steps"):
+        v = getattr(a, name, None)
+        if v is not None and v <= 0:
+            raise InputError(name, f"expected a positive number, got {v}")
+    for path, name, suffix in _outputs(a):
+        _check_out(path, name, suffix)
+    for path, name in _inputs(a):
+        if not os.path.isfile(path):
+            raise InputError(name, f"{path!r} does not exist")
+    if a.command in ("edit", "maps", "diffedit", "specref", "dci") and a.image and not a.source:
+        raise InputError("source", "describe --image with --source (the inversion needs its prompt)")
+    if a.command in ("edit", "diffedit", "specref") and a.image and not a.target:
+        raise InputError("target", "give the target prompt with --target")
+    if a.command == "maps" and a.target and len(a.target) > 1:
+        raise InputError("target", "maps are drawn for one target prompt; give --target once")
+    if a.command == "dci" and a.image and a.negative:
+        raise InputError("negative", "an inversion brings its own unconditional embeddings; leave --negative "
+                                     "out with --image")
+
+
+# --- model and inputs -------------------------------------------------------------------------
+@contextlib.contextmanager
+def _loaded(a, log):
+    """The pipeline with --concept files loaded, closed however the command ends."""
     import torch
 
     from . import api
+    from . import concept as concepts
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}[a.dtype]
     t = time.time()
     pipe = api.load(a.model, device=a.device, dtype=dtype, tokenizer=a.tokenizer,
                     prediction_type=a.prediction_type, log=log)
-    log(f"loaded {pipe.source} ({pipe.family}, {pipe.prediction_type}, {pipe.device}) in {time.time() - t:.1f} s")
-    for path in getattr(a, "concept", None) or ():
-        from . import concept as concepts
-
-        c = concepts.load(path, "concept")
-        pipe.load_concept(c)
-        log(f"loaded {c.describe()}")
-    return pipe
-
-
-def cmd_train_concept(a, log):
-    from . import api
-    from . import concept as concepts
-    from .plot import loss_curve
-
-    if not a.out.lower().endswith(".safetensors"):
-        raise _Bad("out", f"expected a .safetensors file name, got {a.out!r}")
-    for p in (a.images or []) + (a.masks or []) + (a.class_images or []):
-        if not os.path.isfile(p):
-            raise _Bad("images", f"{p!r} does not exist")
-    pipe = _load(a, log)
-    size = a.size or pipe.default_size
-    t = time.time()
-    last = [t]
-
-    def progress(step, loss):
-        if time.time() - last[0] > 10 or step + 1 == a.steps:
-            last[0] = time.time()
-            log(f"step {step + 1}/{a.steps} loss {loss:.4f}")
-
-    from .customize import TrainSettings, train_concept
-
-    refs = pipe._image_batch([api.open_image(p, "images") for p in a.images], size, "images")
-    cls = None if not a.class_images else pipe._image_batch([api.open_image(p, "class_images") for p in a.class_images],
-                                                            size, "class_images", like=refs)
-    masks = None if not a.masks else pipe._mask_batch([api.open_image(p, "masks") for p in a.masks], refs)
-    s = TrainSettings(token=a.token, class_word=a.class_word, steps=a.steps, learning_rate=a.lr,
-                      batch_size=a.batch_size, prior_weight=a.prior_weight, num_class_images=a.num_class_images,
-                      seed=a.seed, ico=a.ico, precision=a.precision, gradient_checkpointing=a.gradient_checkpointing,
-                      name=os.path.splitext(os.path.basename(a.out))[0])
-    res = train_concept(pipe.backend, refs, pipe._encode_pixels, s, masks=masks, class_images=cls, on_step=progress)
-    concepts.save(res.concept, a.out)
-    log(f"trained {res.concept.describe()} in {time.time() - t:.1f} s; wrote {a.out}")
-    stem = a.out[: -len(".safetensors")]
-    if a.export:
-        log(f"wrote {concepts.export_lora(res.concept, stem + '.lora.safetensors')} and "
-            f"{concepts.export_embedding(res.concept, stem + '.embedding.safetensors')}")
-    if a.loss_plot:
-        from .api import tensor_to_pil
-        tensor_to_pil(loss_curve(res.losses)[0].permute(2, 0, 1)).save(a.loss_plot)
-        log(f"wrote {a.loss_plot}")
+    try:
+        log(f"loaded {pipe.source} ({pipe.family}, {pipe.prediction_type}, {pipe.device}) in {time.time() - t:.1f} s")
+        for path in a.concept or ():
+            c = concepts.load(path, "concept")
+            pipe.load_concept(c)
+            log(f"loaded {c.describe()}")
+        yield pipe
+    finally:
+        pipe.close()
 
 
-def cmd_import_concept(a, log):
-    from . import concept as concepts
-
-    def pairs(values, name):
-        out = {}
-        for v in values:
-            k, sep, w = v.partition("=")
-            if not sep or not k.strip() or not w.strip():
-                raise _Bad(name, f"expected TOKEN=VALUE, got {v!r}")
-            out[k.strip()] = w.strip()
-        return out
-
-    embeds, classes = pairs(a.embedding, "embedding"), pairs(a.class_word, "class_word")
-    pipe = _load(a, log)
-    lpb = pipe.backend.unet.config.layers_per_block
-    c = concepts.from_custom_diffusion(a.weights, embeds, classes, pipe.backend, lpb,
-                                       name=os.path.splitext(os.path.basename(a.out))[0])
-    concepts.save(c, a.out)
-    log(f"imported {c.describe()}; wrote {a.out}")
-
-
-def _image_and_prompts(a, pipe, log):
+def _image_and_source(a, pipe, log):
+    """(image at the asked or native size, source prompt); without --image the demo scene and its prompt."""
     from . import api
 
     size = a.size or pipe.default_size
     if a.image:
-        if not a.source:
-            raise _Bad("source", "describe the input image with --source (the inversion needs its prompt)")
         image = pipe.prepare_image(api.open_image(a.image), size, "image")
-        source = a.source
-    else:
-        m = pipe.pixel_multiple
-        side = max(m, round(size / m) * m)
-        if side != size:
-            log(f"note: the drawn scene is {side} px (a multiple of {m} px, as this model needs)")
-        image = _scene_image(pipe, side)
-        scene = _scene_prompts(pipe)[0]
-        source = a.source or scene
-        log(f"no --image: using the drawn scene ({scene}), source prompt {source!r}")
-    return image, source
+        _check_work(a, pipe, image)
+        return image, a.source
+    m = pipe.pixel_multiple
+    side = max(m, round(size / m) * m)
+    if side != size:
+        log(f"note: the drawn scene is {side} px (a multiple of {m} px, as this model needs)")
+    scene = _scene_prompts(pipe)[0]
+    source = a.source or scene
+    log(f"no --image: using the drawn scene ({scene}), source prompt {source!r}")
+    return _scene_image(pipe, side), source
+
+
+def _check_work(a, pipe, image):
+    """Refuse a very large image before any model call, warn about a long run (see work_size)."""
+    from .work_size import check_work_size
+
+    f = pipe.backend.vae_scale
+    method = f"invert_{a.method}" if getattr(a, "method", None) else "diffedit_mask"
+    check_work_size(method, (image.size[1] // f, image.size[0] // f), a.steps, input_name="image", vae_scale=f,
+                    allow=True if a.allow_large else None, allow_hint="pass --allow-large")
+
+
+def _scene_target(pipe, log):
+    """The demo scene's target prompt (--target is required with --image, see _check_args)."""
+    target = _scene_prompts(pipe)[1]
+    log(f"no --target: editing the drawn scene to {target!r}")
+    return target
+
+
+def _used(log, command, pipe, size, **items):
+    """One line of what the command runs with, every default resolved; size: (w, h) px or a phrase."""
+    parts = [f"model {pipe.source} ({pipe.family})", f"{size[0]}x{size[1]} px" if isinstance(size, tuple) else size]
+    parts += [f"{k.replace('_', ' ')} {v!r}" if isinstance(v, str) else f"{k.replace('_', ' ')} {v}"
+              for k, v in items.items() if v is not None]
+    log(f"{command}: " + ", ".join(parts))
 
 
 def _precheck(pipe, source, targets, settings, steps):
@@ -403,8 +479,6 @@ def _precheck(pipe, source, targets, settings, steps):
     tok = pipe.backend.tokenizer
     src = tokenize(tok, source, "source_prompt")
     tgts = [tokenize(tok, t, "target_prompt") for t in targets]
-    if steps < 1:
-        raise _Bad("steps", f"expected a positive number of steps, got {steps}")
     build_controllers(settings, src, tgts, steps)
 
 
@@ -416,243 +490,26 @@ def _invert(a, pipe, image, source, log):
     return inv
 
 
-def _label(img, text):
-    from PIL import ImageDraw
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([0, 0, 6 * len(text) + 6, 13], fill=(0, 0, 0))
-    draw.text((3, 1), text, fill=(255, 255, 0))
-    return img
+def _settings(a, model_defaults=None):
+    """The edit's P2PSettings: the command line's values over the model's own defaults."""
+    from .edit import P2PSettings
 
-
-def _row(panels, labels=None):
-    from PIL import Image
-
-    w, h = panels[0].size
-    out = Image.new("RGB", (w * len(panels), h))
-    for k, p in enumerate(panels):
-        p = p.convert("RGB")
-        if labels:
-            p = _label(p.copy(), labels[k])
-        out.paste(p, (k * w, 0))
-    return out
-
-
-def cmd_edit(a, log):
-    import torch
-    import torch.nn.functional as F
-
-    from . import api
-
-    _check_out(a.out)
-    _settings(a)                       # its errors before the model loads
-    pipe = _load(a, log)
-    settings = _settings(a, pipe.edit_defaults)
-    image, source = _image_and_prompts(a, pipe, log)
-    targets = a.target or ([_scene_prompts(pipe)[1]] if not a.image else None)
-    if not targets:
-        raise _Bad("target", "give the edited prompt with --target")
-    if not a.target:
-        log(f"no --target: editing the drawn scene to {targets[0]!r}")
-    _precheck(pipe, source, targets, settings, a.steps)
-    inv = _invert(a, pipe, image, source, log)
-    t = time.time()
-    res = pipe.edit(inv, targets, settings)
-    log(f"edited in {time.time() - t:.1f} s")
-    decoded = pipe.decode(torch.cat([res.source, res.edited]))
-    panels = [image] + decoded
-    labels = ["source", "reconstruction"] + (["edit"] if len(targets) == 1 else
-                                             [f"edit {k + 1}" for k in range(len(targets))])
-    if a.show_mask:
-        if res.mask is None:
-            log("note: no mask to show (local blend is off; give --blend-words)")
-        else:
-            h, w = image.size[1], image.size[0]
-            m = F.interpolate(res.mask.float(), size=(h, w), mode="nearest")
-            for k in range(m.shape[0]):
-                panels.append(api.tensor_to_pil(m[k].expand(3, -1, -1)))
-                labels.append("mask" if m.shape[0] == 1 else f"mask {k + 1}")
-    out = _row(panels, None if a.no_labels else labels)
-    _save(out, a.out)
-    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: {' | '.join(labels)})")
-    pipe.close()
-
-
-def cmd_maps(a, log):
-    from PIL import Image
-
-    _check_out(a.out)
-    settings = _settings(a) if a.target else None
-    if a.target and len(a.target) > 1:
-        raise _Bad("target", "maps are drawn for one target prompt; give --target once")
-    pipe = _load(a, log)
-    image, source = _image_and_prompts(a, pipe, log)
-    if a.target:
-        _precheck(pipe, source, a.target, settings, a.steps)
-    inv = _invert(a, pipe, image, source, log)
-    maps = pipe.attention_maps(inv, a.target[0] if a.target else None, settings, label=not a.no_labels)
-    tiles = [image] + [Image.fromarray((m.numpy() * 255).round().astype("uint8")) for m in maps]
-    cols = a.columns if a.columns > 0 else min(len(tiles), 8)
-    rows = -(-len(tiles) // cols)
-    w, h = image.size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for k, tile in enumerate(tiles):
-        grid.paste(tile.resize((w, h)), ((k % cols) * w, (k // cols) * h))
-    _save(grid, a.out)
-    words = inv.tokens.words if not a.target else None
-    log(f"wrote {a.out} ({grid.size[0]}x{grid.size[1]}: the image and {len(maps)} word maps"
-        + (f" for {list(words)})" if words else ")"))
-    pipe.close()
-
-
-def _mask_panel(mask, size):
-    import torch.nn.functional as F
-
-    from . import api
-
-    m = F.interpolate(mask.float(), size=(size[1], size[0]), mode="nearest")[0]
-    return api.tensor_to_pil(m.expand(3, -1, -1))
-
-
-def _begin(a, log):
-    """Checks before any work, then the model, the image and the prompts: (pipe, image, source, target)."""
-    _check_out(a.out)
-    if a.image and not a.target:
-        raise _Bad("target", "give the target prompt with --target")
-    pipe = _load(a, log)
-    image, source = _image_and_prompts(a, pipe, log)
-    return pipe, image, source, a.target or _scene_prompts(pipe)[1]
-
-
-def cmd_diffedit(a, log):
-    from . import api
-
-    pipe, image, source, target = _begin(a, log)
-    z = pipe.latent(image)
-    t = time.time()
-    if a.mask:
-        mask = pipe.mask(api.open_image(a.mask, "mask").convert("L"), z)
-    else:
-        mask = pipe.diffedit_mask(z, source, target, samples=a.samples, strength=a.strength,
-                                  threshold=a.threshold, seed=a.seed).mask
-        log(f"mask from {a.samples} noise samples in {time.time() - t:.1f} s: {100 * mask.mean():.0f}% of the image")
-    t = time.time()
-    res = pipe.diffedit(z, mask, target, encoding_ratio=a.encoding_ratio, steps=a.steps, guidance=a.guidance)
-    log(f"edited in {time.time() - t:.1f} s")
-    out = _row([image, _mask_panel(mask, image.size), pipe.decode(res.edited)[0]],
-               None if a.no_labels else ["source", "mask", "edit"])
-    _save(out, a.out)
-    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: source | mask | edit)")
-    pipe.close()
-
-
-def cmd_specref(a, log):
-    from PIL import Image
-
-    from . import api
-    from .tokens import tokenize
-
-    pipe, image, source, target = _begin(a, log)
-    words = tuple(a.edited_words or (() if a.image or a.mask else ("circle",)))
-    if not words and not a.mask:
-        raise _Bad("edited_words", "name the target word(s) whose region takes the reference (or give --mask)")
-    reference = api.open_image(a.reference, "reference") if a.reference else image.transpose(Image.FLIP_LEFT_RIGHT)
-    ref_mask = api.open_image(a.reference_mask, "reference_mask").convert("L") if a.reference_mask else None
-    tgt = tokenize(pipe.backend.tokenizer, target, "target_prompt")      # before a possibly long inversion
-    for w in words:
-        tgt.positions(w, "edited_words")
-    for w in a.source_words or ():
-        tokenize(pipe.backend.tokenizer, source, "source_prompt").positions(w, "source_words")
-    inv = _invert(a, pipe, image, source, log)
-    t = time.time()
-    if ref_mask is not None and ref_mask.size != reference.size:
-        ref_mask = ref_mask.resize(reference.size)
-    if reference.size != image.size:
-        if ref_mask is not None:
-            ref_mask = ref_mask.resize(image.size)
-        log(f"note: reference resized from {reference.size[0]}x{reference.size[1]} to {image.size[0]}x{image.size[1]}")
-        reference = reference.resize(image.size, Image.LANCZOS)
-    bank = pipe.extract_reference(reference, a.reference_prompt, steps=a.steps, mask=ref_mask,
-                                  level_start=a.level_start, level_end=a.level_end, step_start=a.step_start,
-                                  step_end=a.step_end)
-    log(f"{bank.describe()} in {time.time() - t:.1f} s")
-    t = time.time()
-    mask = pipe.mask(api.open_image(a.mask, "mask").convert("L"), inv.source) if a.mask else None
-    res = pipe.specref(inv, bank, target, words, mask=mask, source_words=tuple(a.source_words or ()),
-                       threshold=a.threshold, level_start=a.level_start, level_end=a.level_end,
-                       step_start=a.step_start, step_end=a.step_end, blend_start=a.blend_start)
-    log(f"edited in {time.time() - t:.1f} s")
-    out = _row([image, reference, pipe.decode(res.edited)[0], _mask_panel(res.mask, image.size)],
-               None if a.no_labels else ["source", "reference", "edit", "M_t"])
-    _save(out, a.out)
-    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: source | reference | edit | M_t)")
-    pipe.close()
-
-
-def cmd_dci(a, log):
-    from . import api
-    from .dci import DCISettings
-
-    _check_out(a.out)
-    if a.image and not a.source:
-        raise _Bad("source", "describe --image with --source (it is inverted with that prompt)")
-    pipe = _load(a, log)
-    kw = dict(auxiliary_prompt=a.auxiliary_prompt, concept_words=tuple(a.concept_words or ()), steps=a.steps,
-              guidance=a.guidance)
-    dci = DCISettings(a.fraction, a.balance)
-    dci.check()
-    if a.image:
-        image = pipe.prepare_image(api.open_image(a.image), a.size)
-        inv = _invert(a, pipe, image, a.source, log)
-        start = dict(inversion=inv)
-        panels, labels = [image], ["source"]
-    else:
-        start = dict(seed=a.seed, size=a.size or pipe.default_size, negative_prompt=a.negative)
-        panels, labels = [], []
-    t = time.time()
-    plain = pipe.dci(a.prompt, settings=DCISettings(0.0), **start, **kw)
-    log(f"plain sampling in {time.time() - t:.1f} s")
-    t = time.time()
-    res = pipe.dci(a.prompt, settings=dci, **start, **kw)
-    log(f"DCI ({res.integrated_steps} of {a.steps} steps integrated, auxiliary prompt {res.auxiliary_prompt!r}) "
-        f"in {time.time() - t:.1f} s")
-    out_plain, out_dci = pipe.decode(plain.latents)[0], pipe.decode(res.latents)[0]
-    panels += [out_plain, out_dci]
-    labels += ["plain", "DCI"]
-    if res.weights is not None:
-        panels.append(_mask_panel(res.weights, out_dci.size))
-        labels.append("concept weight")
-    out = _row(panels, None if a.no_labels else labels)
-    _save(out, a.out)
-    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: {' | '.join(labels)})")
-    pipe.close()
-
-
-def cmd_info(a, log):
-    pipe = _load(a, log)
-    b = pipe.backend
-    print(f"model: {pipe.source}\nfamily: {pipe.family}\nprediction: {pipe.prediction_type}\n"
-          f"latent channels: {b.latent_channels}\npixel multiple: {pipe.pixel_multiple}\n"
-          f"VAE scale: {b.vae_scale} px per latent cell, scaling factor {pipe.scaling_factor}\n"
-          f"text width: {b.text_encoder.config.hidden_size}, vocabulary: {len(b.tokenizer.tok)}")
-    for n in pipe.notes:
-        print(f"note: {n}")
-    pipe.close()
-
-
-def _check_out(path):
-    """Before any work: a .png name whose folder exists or can be made."""
-    if not path.lower().endswith(".png"):
-        raise _Bad("out", f"expected a .png file name, got {path!r}")
-    d = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(d, exist_ok=True)
-    except OSError as e:
-        raise _Bad("out", f"cannot create the folder {d!r}: {e.strerror}")
+    target_words = tuple(a.blend_target_words or ())
+    if a.blend_both:
+        if not a.blend_words:
+            raise InputError("blend_both", "needs --blend-words")
+        target_words = target_words or tuple(a.blend_words)
+    if target_words and not a.blend_words:
+        raise InputError("blend_target_words", "local blend needs at least one source word (--blend-words)")
+    given = {k: getattr(a, k) for k in ("self_max_side", "edit_uncond") if getattr(a, k, None) is not None}
+    return P2PSettings(**{**(model_defaults or {}), **given, **dict(
+        mode=a.mode, cross_replace=a.cross_replace, self_replace=a.self_replace, reweight=_reweight(a.reweight),
+        blend_source_words=tuple(a.blend_words or ()), blend_target_words=target_words,
+        blend_threshold=a.blend_threshold, blend_start=a.blend_start)})
 
 
 def _save(img, path):
     """Atomic: a finished PNG or nothing (write beside it, then rename)."""
-    _check_out(path)
     tmp = f"{path}.tmp-{os.getpid()}.png"
     try:
         img.save(tmp)
@@ -660,6 +517,263 @@ def _save(img, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write(a, log, images, labels, columns=0):
+    from . import panels
+
+    out = panels.grid(images, None if a.no_labels else labels, columns)
+    _save(out, a.out)
+    log(f"wrote {a.out} ({out.size[0]}x{out.size[1]}: {' | '.join(labels)}, panels of "
+        f"{images[0].size[0]}x{images[0].size[1]} px shown x{panels.scale_factor(images[0].size)})")
+
+
+# --- the commands -----------------------------------------------------------------------------
+def cmd_edit(a, log):
+    import torch
+
+    from .panels import mask_panel
+
+    _settings(a)                       # its errors before the model loads
+    with _loaded(a, log) as pipe:
+        settings = _settings(a, pipe.edit_defaults)
+        image, source = _image_and_source(a, pipe, log)
+        targets = a.target or [_scene_target(pipe, log)]
+        _used(log, "edit", pipe, image.size, method=a.method, steps=a.steps, guidance=a.guidance, source=source,
+              **({"target": targets[0]} if len(targets) == 1 else {"targets": targets}), mode=settings.mode)
+        _precheck(pipe, source, targets, settings, a.steps)
+        inv = _invert(a, pipe, image, source, log)
+        t = time.time()
+        res = pipe.edit(inv, targets, settings)
+        log(f"edited in {time.time() - t:.1f} s")
+        images = [image] + pipe.decode(torch.cat([res.source, res.edited]))
+        one = len(targets) == 1
+        labels = ["source", "reconstruction"] + ["edit" if one else f"edit {k + 1}" for k in range(len(targets))]
+        if a.show_mask and res.mask is None:
+            log("note: no mask to show (local blend is off; give --blend-words)")
+        elif a.show_mask:
+            images += [mask_panel(m, image.size) for m in res.mask]
+            labels += ["mask" if one else f"mask {k + 1}" for k in range(len(res.mask))]
+        _write(a, log, images, labels)
+
+
+def cmd_maps(a, log):
+    from PIL import Image
+
+    from .tokens import tokenize
+
+    settings = _settings(a) if a.target else None
+    with _loaded(a, log) as pipe:
+        image, source = _image_and_source(a, pipe, log)
+        target = a.target[0] if a.target else None
+        _used(log, "maps", pipe, image.size, method=a.method, steps=a.steps, guidance=a.guidance, source=source,
+              target=target)
+        if target:
+            _precheck(pipe, source, [target], settings, a.steps)
+        inv = _invert(a, pipe, image, source, log)
+        maps = pipe.attention_maps(inv, target, settings, label=False)
+        words = (tokenize(pipe.backend.tokenizer, target, "target_prompt") if target else inv.tokens).words
+        tiles = [Image.fromarray((m.numpy() * 255).round().astype("uint8")).resize(image.size) for m in maps]
+        _write(a, log, [image] + tiles, ["image"] + list(words), a.columns if a.columns > 0 else 8)
+
+
+def cmd_diffedit(a, log):
+    from . import api
+    from .panels import mask_panel
+
+    with _loaded(a, log) as pipe:
+        image, source = _image_and_source(a, pipe, log)
+        target = a.target or _scene_target(pipe, log)
+        _used(log, "diffedit", pipe, image.size, steps=a.steps, guidance=a.guidance,
+              encoding_ratio=a.encoding_ratio, source=source, target=target,
+              mask=a.mask or f"from {a.samples} noise samples")
+        z = pipe.latent(image)
+        t = time.time()
+        if a.mask:
+            mask = pipe.mask(api.open_image(a.mask, "mask").convert("L"), z)
+        else:
+            mask = pipe.diffedit_mask(z, source, target, samples=a.samples, strength=a.strength,
+                                      threshold=a.threshold, seed=a.seed).mask
+            log(f"mask from {a.samples} noise samples in {time.time() - t:.1f} s: "
+                f"{100 * mask.mean():.0f}% of the image")
+        t = time.time()
+        res = pipe.diffedit(z, mask, target, encoding_ratio=a.encoding_ratio, steps=a.steps, guidance=a.guidance)
+        log(f"edited in {time.time() - t:.1f} s")
+        _write(a, log, [image, mask_panel(mask, image.size), pipe.decode(res.edited)[0]], ["source", "mask", "edit"])
+
+
+def _specref_inputs(a, image, log):
+    """(reference, its mask or None), both at the source image's size."""
+    from PIL import Image
+
+    from . import api
+
+    reference = api.open_image(a.reference, "reference") if a.reference else image.transpose(Image.FLIP_LEFT_RIGHT)
+    ref_mask = api.open_image(a.reference_mask, "reference_mask").convert("L") if a.reference_mask else None
+    if reference.size != image.size:
+        log(f"note: reference resized from {reference.size[0]}x{reference.size[1]} to "
+            f"{image.size[0]}x{image.size[1]}")
+        reference = reference.resize(image.size, Image.LANCZOS)
+    if ref_mask is not None and ref_mask.size != image.size:
+        ref_mask = ref_mask.resize(image.size)
+    return reference, ref_mask
+
+
+def cmd_specref(a, log):
+    from . import api
+    from .panels import mask_panel
+    from .tokens import tokenize
+
+    if a.image and not (a.edited_words or a.mask):
+        raise InputError("edited_words", "name the target word(s) whose region takes the reference (or give --mask)")
+    with _loaded(a, log) as pipe:
+        image, source = _image_and_source(a, pipe, log)
+        target = a.target or _scene_target(pipe, log)
+        words = tuple(a.edited_words or (() if a.image or a.mask else ("circle",)))
+        reference, ref_mask = _specref_inputs(a, image, log)
+        _used(log, "specref", pipe, image.size, method=a.method, steps=a.steps, guidance=a.guidance, source=source,
+              target=target, edited_words=" ".join(words) or None, reference=a.reference or "the source mirrored")
+        tgt = tokenize(pipe.backend.tokenizer, target, "target_prompt")      # before a possibly long inversion
+        for w in words:
+            tgt.positions(w, "edited_words")
+        for w in a.source_words or ():
+            tokenize(pipe.backend.tokenizer, source, "source_prompt").positions(w, "source_words")
+        inv = _invert(a, pipe, image, source, log)
+        t = time.time()
+        bank = pipe.extract_reference(reference, a.reference_prompt, steps=a.steps, mask=ref_mask,
+                                      level_start=a.level_start, level_end=a.level_end, step_start=a.step_start,
+                                      step_end=a.step_end)
+        log(f"{bank.describe()} in {time.time() - t:.1f} s")
+        t = time.time()
+        mask = pipe.mask(api.open_image(a.mask, "mask").convert("L"), inv.source) if a.mask else None
+        res = pipe.specref(inv, bank, target, words, mask=mask, source_words=tuple(a.source_words or ()),
+                           threshold=a.threshold, level_start=a.level_start, level_end=a.level_end,
+                           step_start=a.step_start, step_end=a.step_end, blend_start=a.blend_start)
+        log(f"edited in {time.time() - t:.1f} s")
+        _write(a, log, [image, reference, pipe.decode(res.edited)[0], mask_panel(res.mask, image.size)],
+               ["source", "reference", "edit", "M_t"])
+
+
+def cmd_dci(a, log):
+    from . import api
+    from .dci import DCISettings
+    from .panels import mask_panel
+
+    dci = DCISettings(a.fraction, a.balance)
+    dci.check()
+    with _loaded(a, log) as pipe:
+        kw = dict(auxiliary_prompt=a.auxiliary_prompt, concept_words=tuple(a.concept_words or ()), steps=a.steps,
+                  guidance=a.guidance)
+        if a.image:
+            image = pipe.prepare_image(api.open_image(a.image), a.size or pipe.default_size)
+            _used(log, "dci", pipe, image.size, method=a.method, steps=a.steps, guidance=a.guidance,
+                  source=a.source, prompt=a.prompt, fraction=a.fraction, balance=a.balance)
+            start = dict(inversion=_invert(a, pipe, image, a.source, log))
+            images, labels = [image], ["source"]
+        else:
+            size = a.size or pipe.default_size
+            _used(log, "dci", pipe, (size, size), steps=a.steps, guidance=a.guidance, seed=a.seed, prompt=a.prompt,
+                  negative=a.negative or None, fraction=a.fraction, balance=a.balance)
+            start = dict(seed=a.seed, size=size, negative_prompt=a.negative)
+            images, labels = [], []
+        if not pipe.concepts:
+            # DCI without a concept is plain sampling: one run (pipe.dci states it once)
+            plain = pipe.dci(a.prompt, settings=DCISettings(0.0), **start, **kw)
+            _write(a, log, images + [pipe.decode(plain.latents)[0]], labels + ["plain"])
+            return
+        t = time.time()
+        plain = pipe.dci(a.prompt, settings=DCISettings(0.0), **start, **kw)
+        log(f"plain sampling in {time.time() - t:.1f} s")
+        t = time.time()
+        res = pipe.dci(a.prompt, settings=dci, **start, **kw)
+        log(f"DCI ({res.integrated_steps} of {a.steps} steps integrated, auxiliary prompt "
+            f"{res.auxiliary_prompt!r}) in {time.time() - t:.1f} s")
+        out_plain, out_dci = pipe.decode(plain.latents)[0], pipe.decode(res.latents)[0]
+        images += [out_plain, out_dci]
+        labels += ["plain", "DCI"]
+        if res.weights is not None:
+            images.append(mask_panel(res.weights, out_dci.size))
+            labels.append("concept weight")
+        _write(a, log, images, labels)
+
+
+def cmd_train_concept(a, log):
+    from . import api
+    from . import concept as concepts
+    from .plot import loss_curve
+
+    with _loaded(a, log) as pipe:
+        size = a.size or pipe.default_size
+        refs = [api.open_image(p, "images") for p in a.images]
+        masks = [api.open_image(p, "masks") for p in a.masks] if a.masks else None
+        cls = [api.open_image(p, "class_images") for p in a.class_images] if a.class_images else None
+        _used(log, "train-concept", pipe, f"longer side {size} px", steps=a.steps,
+              token=a.token, class_word=a.class_word, images=len(refs), precision=a.precision)
+        last = [time.time()]
+
+        def progress(step, loss):                # a line every 10 s, and the last step
+            if time.time() - last[0] > 10 or step + 1 == a.steps:
+                last[0] = time.time()
+                log(f"step {step + 1}/{a.steps} loss {loss:.4f}")
+
+        res = pipe.train_concept(refs, a.class_word, token=a.token, masks=masks, class_images=cls, size=size,
+                                 on_step=progress, steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size,
+                                 prior_weight=a.prior_weight, num_class_images=a.num_class_images, seed=a.seed,
+                                 ico=a.ico, precision=a.precision, gradient_checkpointing=a.gradient_checkpointing,
+                                 name=os.path.splitext(os.path.basename(a.out))[0])
+    concepts.save(res.concept, a.out)
+    loss = f"; loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}" if res.losses else ""
+    log(f"trained {res.concept.describe()} in {res.seconds:.1f} s{loss}; wrote {a.out}")
+    stem = a.out[: -len(".safetensors")]
+    if a.export:
+        log(f"wrote {concepts.export_lora(res.concept, stem + '.lora.safetensors')} and "
+            f"{concepts.export_embedding(res.concept, stem + '.embedding.safetensors')}")
+    if a.loss_plot:
+        _save(api.tensor_to_pil(loss_curve(res.losses)[0].permute(2, 0, 1)), a.loss_plot)
+        log(f"wrote {a.loss_plot}")
+
+
+def _pairs(values, name):
+    """['<new1>=dog', ...] -> {'<new1>': 'dog'}."""
+    out = {}
+    for v in values:
+        k, sep, w = v.partition("=")
+        if not sep or not k.strip() or not w.strip():
+            raise InputError(name, f"expected TOKEN=VALUE, got {v!r}")
+        out[k.strip()] = w.strip()
+    return out
+
+
+def cmd_import_concept(a, log):
+    from . import concept as concepts
+
+    embeds, classes = _pairs(a.embedding, "embedding"), _pairs(a.class_word, "class_word")
+    for path in embeds.values():
+        if not os.path.isfile(path):
+            raise InputError("embedding", f"{path!r} does not exist")
+    with _loaded(a, log) as pipe:
+        lpb = pipe.backend.unet.config.layers_per_block
+        c = concepts.from_custom_diffusion(a.weights, embeds, classes, pipe.backend, lpb,
+                                           name=os.path.splitext(os.path.basename(a.out))[0])
+    concepts.save(c, a.out)
+    log(f"imported {c.describe()}; wrote {a.out}")
+
+
+def cmd_info(a, log):
+    with _loaded(a, log) as pipe:
+        b = pipe.backend
+        print(f"model: {pipe.source}\nfamily: {pipe.family}\nprediction: {pipe.prediction_type}\n"
+              f"latent channels: {b.latent_channels}\npixel multiple: {pipe.pixel_multiple}\n"
+              f"native size: {pipe.default_size} px\n"
+              f"VAE scale: {b.vae_scale} px per latent cell, scaling factor {pipe.scaling_factor}\n"
+              f"text width: {b.text_encoder.config.hidden_size}, vocabulary: {len(b.tokenizer.tok)}")
+        for n in pipe.notes:
+            print(f"note: {n}")
+
+
+COMMANDS = {"edit": cmd_edit, "maps": cmd_maps, "diffedit": cmd_diffedit, "specref": cmd_specref,
+            "train-concept": cmd_train_concept, "import-concept": cmd_import_concept, "dci": cmd_dci,
+            "info": cmd_info}
 
 
 def _quiet():
@@ -678,29 +792,17 @@ def _quiet():
 
 
 def main(argv=None) -> int:
-    from .errors import InputError
-
+    """Run one command; 0 on success, 2 (with one 'error: <input>: <problem>' line) for bad input."""
     a = build_parser().parse_args(argv)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    images = a.command not in ("info", "train-concept", "import-concept")
-    if getattr(a, "size", None) is not None and a.size <= 0:
-        log("error: size: expected a positive number of pixels")
-        return 2
-    if images and a.out and not a.out.lower().endswith(".png"):
-        log(f"error: out: expected a .png file name, got {a.out!r}")
-        return 2
-    if images and a.image and not os.path.isfile(a.image):
-        log(f"error: image: {a.image!r} does not exist")
-        return 2
-    _quiet()
     try:
-        {"edit": cmd_edit, "maps": cmd_maps, "diffedit": cmd_diffedit, "specref": cmd_specref,
-         "train-concept": cmd_train_concept, "import-concept": cmd_import_concept, "dci": cmd_dci,
-         "info": cmd_info}[a.command](a, log)
-    except (InputError, _Bad) as e:
+        _check_args(a)
+        _quiet()
+        COMMANDS[a.command](a, log)
+    except InputError as e:
         log(f"error: {e}")
         return 2
     return 0

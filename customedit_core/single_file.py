@@ -86,14 +86,18 @@ def read(path: str, input_name: str = "model") -> tuple[dict, dict]:
         refuse_pickle(path, input_name)
     if kind != "safetensors":
         raise InputError(input_name, f"{os.path.basename(path)} is not a safetensors file; {SUPPORTED}")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as f:
-        keys = list(f.keys())
-        metadata = f.metadata() or {}
-    detect_family(keys, input_name)   # refuse early, before reading gigabytes
-    return load_file(path), metadata
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            metadata = f.metadata() or {}
+        detect_family(keys, input_name)   # refuse early, before reading gigabytes
+        return load_file(path), metadata
+    except (SafetensorError, OSError) as e:    # a short header or tensors past the end: a cut-off download
+        raise InputError(input_name, f"{path!r} is truncated or corrupt ({e}); expected a complete .safetensors "
+                                     "checkpoint (download or copy it again)") from None
 
 
 def detect_family(keys, input_name: str = "model") -> str:

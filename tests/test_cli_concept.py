@@ -6,6 +6,7 @@ from PIL import Image
 
 from customedit_core import api
 from customedit_core import concept as C
+from customedit_core.panels import STRIP
 from testmodels.tiny import tiny_pipeline
 
 
@@ -36,7 +37,7 @@ def test_train_concept_then_edit_with_it(refs, tmp_path, run_cli):
                        "--source", "a photo of a dog", "--target", "a photo of a <new1> dog", "--blend-words", "dog",
                        "--out", str(edit)])
     assert rc == 0, err
-    assert "loaded concept dog" in err and Image.open(edit).size == (3 * 32, 32)
+    assert "loaded concept dog" in err and Image.open(edit).size == (3 * 256, 256 + STRIP)
     # without the concept the word is unknown to the model: it is split into ordinary pieces, and
     # the edit runs, but the same prompt now means something else; with a taken token it is an error
     rc, err = run_cli(["edit", "--concept", str(out), "--concept", str(out), "--size", "32", "--steps", "2",
@@ -93,7 +94,7 @@ def test_dci_from_the_command_line_and_the_api(refs, tmp_path, run_cli):
     rc, err = run_cli(["dci", "--concept", path, "--prompt", "a photo of a <new1> dog on grass", "--size", "32",
                        "--steps", "3", "--out", str(out)])
     assert rc == 0, err
-    assert Image.open(out).size == (3 * 32, 32) and "auxiliary prompt 'a photo of a dog on grass'" in err
+    assert Image.open(out).size == (3 * 256, 256 + STRIP) and "auxiliary prompt 'a photo of a dog on grass'" in err
     rc, err = run_cli(["dci", "--concept", path, "--prompt", "a photo of a dog on grass", "--size", "32",
                        "--steps", "3", "--out", str(out)])
     assert rc == 2 and "prompt: contains none of the loaded concept words" in err
