@@ -1,7 +1,9 @@
 """workflows/: each UI-format graph (*.json, what the graph editor saves and loads; ComfyUI lists the
 folder in its templates browser) and its API-format twin (api/*.api.json, what POST /prompt takes)
 describe the same nodes, links and widget values.
-Plain JSON checks; runs without ComfyUI (test_comfy_server.py runs the API graphs for real).
+Plain JSON checks; runs without ComfyUI (test_comfy_server.py runs the API graphs for real). Note and
+MarkdownNote nodes are the editor's only (FRONTEND_ONLY): they have no API twin; the templates browser's
+thumbnails, descriptions and placeholder notes are checked in test_workflows_notes.py.
 """
 import json
 from pathlib import Path
