@@ -142,10 +142,12 @@ class Bench:
             self.inversions[(key, method)] = (inv, time.perf_counter() - t)
         return self.inversions[(key, method)]
 
-    def p2p(self, key, img, src, tgt, method, mode, blend_words=(), source_only=False, cross=0.8, self_=0.5):
+    def p2p(self, key, img, src, tgt, method, mode, blend_words=(), source_only=False, cross=None):
+        """cross: the cross-attention replace fraction (None: the model's default, as every other setting)."""
         inv, t_inv = self.invert(key, img, src, method)
         t = time.perf_counter()
-        res = self.pipe.edit(inv, tgt, mode=mode, cross_replace=cross, self_replace=self_,
+        sweep = {} if cross is None else dict(cross_replace=cross)
+        res = self.pipe.edit(inv, tgt, mode=mode, **sweep,
                              blend_source_words=tuple(blend_words),
                              blend_target_words=() if source_only else tuple(blend_words),
                              blend_source_only=source_only)

@@ -47,7 +47,7 @@ def rows_for(bench, seed, scene, concept_pipe=None):
     colour = scene.with_object(0, color=B.target_colour(scene))
     res, _, recon = bench.p2p(seed, img, src, colour.caption(), "null_text", "replace", (o.shape,))
     out.append(("null-text reconstruction", recon, f"{B.Q.psnr(recon, img):.1f} dB"))
-    edit(f"P2P swap -> {colour.objects[0].color} (+ blend)", res, colour)
+    edit("P2P colour swap (+ blend)", res, colour)
     striped = scene.with_object(0, pattern="striped")
     res, _, _ = bench.p2p(seed, img, src, striped.caption(), "null_text", "refine", (o.shape,))
     edit("P2P refine + 'striped' (+ blend)", res, striped)
