@@ -134,6 +134,20 @@ def _fake_inversion(comfy, latent_hw, steps=2):
     return inv.Inversion("direct", "a photo of a cat", None, steps, 7.5, [z] * (steps + 1), [None] * steps, "x")
 
 
+def _latent_nodes_refuse(comfy, model, clip, latent, mask):
+    """DiffEdit Mask/Sample, Extract Reference K/V and DCI Sample each refuse `latent`, naming their input."""
+    expect_input_error("latent", run, comfy, "CustomEditDiffEditMask", model=model, clip=clip, latent=latent,
+                       source_prompt="a cat", target_prompt="a dog", samples=1, strength=0.5, threshold=0.5, seed=0)
+    expect_input_error("latent", run, comfy, "CustomEditDiffEditSample", model=model, clip=clip, latent=latent,
+                       mask=mask, target_prompt="a dog", encoding_ratio=0.5, steps=2, guidance=7.5)
+    expect_input_error("reference", run, comfy, "CustomEditReferenceKVExtract", model=model, clip=clip,
+                       reference=latent, reference_prompt="", steps=2, level_start=0, level_end=1, step_start=0.0,
+                       step_end=1.0)
+    expect_input_error("latent_image", run, comfy, "CustomEditDCISample", model=model, clip=clip,
+                       prompt="a photo of a dog", auxiliary_prompt="", concept_words="", integrate_fraction=0.3,
+                       balance=0.0, steps=2, guidance=7.5, seed=0, latent_image=latent)
+
+
 def test_empty_and_odd_latents_name_the_latent_input(comfy, models):
     import torch
     model, clip, _ = models
@@ -142,18 +156,7 @@ def test_empty_and_odd_latents_name_the_latent_input(comfy, models):
         msg = expect_input_error("latent", run, comfy, "CustomEditNullTextInvert", model=model, clip=clip, latent=bad,
                                  source_prompt="a cat", steps=2, guidance=7.5, method="ddim", inner_steps=1)
         assert ("multiples of 16 px" in msg) if len(shape) == 4 else "[B, C, H, W]" in msg
-        expect_input_error("latent", run, comfy, "CustomEditDiffEditMask", model=model, clip=clip, latent=bad,
-                           source_prompt="a cat", target_prompt="a dog", samples=1, strength=0.5, threshold=0.5,
-                           seed=0)
-        expect_input_error("latent", run, comfy, "CustomEditDiffEditSample", model=model, clip=clip, latent=bad,
-                           mask=torch.ones(1, 64, 64), target_prompt="a dog", encoding_ratio=0.5, steps=2,
-                           guidance=7.5)
-        expect_input_error("reference", run, comfy, "CustomEditReferenceKVExtract", model=model, clip=clip,
-                           reference=bad, reference_prompt="", steps=2, level_start=0, level_end=1, step_start=0.0,
-                           step_end=1.0)
-        expect_input_error("latent_image", run, comfy, "CustomEditDCISample", model=model, clip=clip,
-                           prompt="a photo of a dog", auxiliary_prompt="", concept_words="", integrate_fraction=0.3,
-                           balance=0.0, steps=2, guidance=7.5, seed=0, latent_image=bad)
+        _latent_nodes_refuse(comfy, model, clip, bad, torch.ones(1, 64, 64))
 
 
 def _train_args(models, **kw):
@@ -191,17 +194,7 @@ def test_too_large_images_are_refused_before_any_model_work(comfy, models, monke
     msg = expect_input_error("latent", run, comfy, "CustomEditNullTextInvert", model=model, clip=clip, latent=big,
                              source_prompt="a cat", steps=50, guidance=7.5, method="null_text", inner_steps=10)
     assert "128x2112 px" in msg and ws.ALLOW_ENV in msg
-    expect_input_error("latent", run, comfy, "CustomEditDiffEditMask", model=model, clip=clip, latent=big,
-                       source_prompt="a cat", target_prompt="a dog", samples=1, strength=0.5, threshold=0.5, seed=0)
-    expect_input_error("latent", run, comfy, "CustomEditDiffEditSample", model=model, clip=clip, latent=big,
-                       mask=torch.ones(1, side * 8, 128), target_prompt="a dog", encoding_ratio=0.5, steps=2,
-                       guidance=7.5)
-    expect_input_error("reference", run, comfy, "CustomEditReferenceKVExtract", model=model, clip=clip,
-                       reference=big, reference_prompt="", steps=2, level_start=0, level_end=1, step_start=0.0,
-                       step_end=1.0)
-    expect_input_error("latent_image", run, comfy, "CustomEditDCISample", model=model, clip=clip,
-                       prompt="a photo of a dog", auxiliary_prompt="", concept_words="", integrate_fraction=0.3,
-                       balance=0.0, steps=2, guidance=7.5, seed=0, latent_image=big)
+    _latent_nodes_refuse(comfy, model, clip, big, torch.ones(1, side * 8, 128))
     inv = _fake_inversion(comfy, (side, 16))
     expect_input_error("inversion", run, comfy, "CustomEditP2PEdit", model=model, clip=clip, inversion=inv,
                        target_prompt="a photo of a dog", mode="replace", cross_replace=0.8, self_replace=0.5)
