@@ -37,6 +37,7 @@ class Concept:
     base_fingerprint: str
     settings: dict = field(default_factory=dict)
     name: str = ""
+    text_widths: tuple = ()          # SDXL: (CLIP-L, CLIP-G) widths the vectors hold side by side
 
     @property
     def width(self) -> int:
@@ -71,7 +72,12 @@ def fingerprint_of(p: torch.Tensor) -> str:
 def check_base(concept: Concept, backend, input_name: str = "concept") -> list:
     """Errors for a concept that cannot be applied to this model; warnings for another base."""
     table = backend.token_embedding_table()
-    if concept.width != int(table.shape[-1]):
+    ours = tuple(getattr(backend, "text_widths", ()) or ())
+    if bool(concept.text_widths) != bool(ours):
+        made, this = ("an SDXL model", "is not SDXL") if concept.text_widths else ("an SD1.x/SD2.x model", "is SDXL")
+        raise InputError(input_name, f"{concept.name or 'the concept'} was made for {made}, but this model {this}; "
+                                     "load it with the family it was trained on")
+    if concept.width != int(table.shape[-1]) or (ours and tuple(concept.text_widths) != ours):
         raise InputError(input_name, f"{concept.name or 'the concept'} has {concept.width}-wide token vectors but this "
                                      f"model's text encoder takes {int(table.shape[-1])} (made for another model family)")
     kv = backend.kv_weights()
@@ -139,7 +145,8 @@ def save(concept: Concept, path: str) -> str:
     tensors.update({f"delta.{k}": v.float() for k, v in concept.deltas.items()})
     meta = {"format": FORMAT, "version": VERSION, "name": concept.name, "tokens": json.dumps(list(concept.tokens)),
             "class_words": json.dumps(list(concept.class_words)), "base_fingerprint": concept.base_fingerprint,
-            "settings": json.dumps(concept.settings, sort_keys=True, default=str)}
+            "settings": json.dumps(concept.settings, sort_keys=True, default=str),
+            "text_widths": json.dumps(list(concept.text_widths))}
     return _write_atomic(path, tensors, meta)
 
 
@@ -174,6 +181,7 @@ def load(path: str, input_name: str = "concept") -> Concept:
         classes = tuple(json.loads(meta["class_words"]))
         settings = json.loads(meta.get("settings", "{}"))
         emb, probe_ = tensors["embeddings"], tensors["base_probe"]
+        widths = tuple(int(w) for w in json.loads(meta.get("text_widths", "[]")))
     except (KeyError, ValueError) as e:
         raise InputError(input_name, f"{base} is incomplete ({e}); save the concept again") from None
     for t in tokens:          # the file's words obey the rules a trained token does (not "cat", "(x)", "")
@@ -185,11 +193,14 @@ def load(path: str, input_name: str = "concept") -> Concept:
     if emb.ndim != 2 or emb.shape[0] != len(tokens) or len(classes) != len(tokens) or not tokens:
         raise InputError(input_name, f"{base} is inconsistent: {len(tokens)} tokens, {len(classes)} class words, "
                                      f"token vectors of shape {tuple(emb.shape)}")
+    if widths and sum(widths) != emb.shape[1]:
+        raise InputError(input_name, f"{base} is inconsistent: token vectors of {emb.shape[1]} for text "
+                                     f"encoders of widths {list(widths)}")
     for k, v in list(deltas.items()) + [("embeddings", emb)]:
         if v.ndim != 2 or not torch.isfinite(v).all():
             raise InputError(input_name, f"{base}: tensor {k} is not a finite matrix")
     return Concept(tokens, classes, emb.float(), {k: v.float() for k, v in deltas.items()}, probe_.float(),
-                   meta.get("base_fingerprint", "?"), settings, meta.get("name") or os.path.splitext(base)[0])
+                   meta.get("base_fingerprint", "?"), settings, meta.get("name") or os.path.splitext(base)[0], widths)
 
 
 # ---- exports for stock ComfyUI -------------------------------------------------------------
@@ -203,9 +214,16 @@ def export_lora(concept: Concept, path: str) -> str:
 
 
 def export_embedding(concept: Concept, path: str) -> str:
-    """Embedding file for ComfyUI's `embedding:<file name>` prompt syntax (one row per token)."""
-    return _write_atomic(path, {"emb_params": concept.embeddings.float()},
-                         {"customedit_concept": concept.name, "tokens": json.dumps(list(concept.tokens))})
+    """Embedding file for ComfyUI's `embedding:<file name>` prompt syntax (one row per token). SDXL:
+    the "clip_l" and "clip_g" halves, the SDXL embedding format that ComfyUI's SDXL CLIP reads by key
+    (a single "emb_params" would be refused by, or misread as, one encoder's)."""
+    e = concept.embeddings.float()
+    if concept.text_widths:
+        wl = concept.text_widths[0]
+        tensors = {"clip_l": e[:, :wl].contiguous(), "clip_g": e[:, wl:].contiguous()}
+    else:
+        tensors = {"emb_params": e}
+    return _write_atomic(path, tensors, {"customedit_concept": concept.name, "tokens": json.dumps(list(concept.tokens))})
 
 
 # ---- import of diffusers Custom Diffusion output -------------------------------------------
@@ -247,4 +265,4 @@ def from_custom_diffusion(weights_path: str, embedding_paths: dict, class_words:
     classes = tuple(class_words[t] for t in embedding_paths)
     p = probe(backend)
     return Concept(tuple(tokens), classes, torch.stack(vecs), deltas, p, fingerprint_of(p),
-                   {"source": "diffusers custom diffusion"}, name)
+                   {"source": "diffusers custom diffusion"}, name, tuple(backend.text_widths))

@@ -362,5 +362,5 @@ def train_concept(backend, images: torch.Tensor, encode_images: Callable[[torch.
                 final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])), seconds=round(seconds, 2))
     concept = Concept((token,), (class_word,), vector.detach().float().cpu()[None].clone(),
                       {k: d.detach().float().cpu().clone() for k, d in deltas.items()}, base, fingerprint_of(base),
-                      meta, s.name or token.strip("<>"))
+                      meta, s.name or token.strip("<>"), tuple(backend.text_widths))
     return TrainResult(concept, losses, seconds, initial.cpu())

@@ -13,7 +13,8 @@ from ..attention import AttentionHook
 from ..tokens import PromptTokens, Tokenizer
 
 # what every backend accepts; refusals end with it (file loading words its own: single_file.SUPPORTED)
-SUPPORTED = "supported: SD1.x and SD2.x checkpoints (e.g. v1-5, v2-1), eps or v prediction"
+SUPPORTED = ("supported: SD1.x, SD2.x and SDXL base checkpoints (e.g. v1-5, v2-1, sdxl-base-1.0 and its "
+             "fine-tunes), eps or v prediction")
 
 
 class Backend:
@@ -25,6 +26,9 @@ class Backend:
     device: torch.device = torch.device("cpu")
     name: str = "backend"
     concept_deltas: Optional[dict] = None   # K/V deltas of the concepts applied (concept.apply)
+    # widths of the text encoders whose input vectors a token vector holds side by side: () for one
+    # encoder (SD1.x/SD2.x), (CLIP-L, CLIP-G) for SDXL (token_embedding_table rows are that pair)
+    text_widths: tuple = ()
 
     def fingerprint(self) -> str:
         """Identifies the model (weights and patches) an inversion was made with."""

@@ -1,4 +1,4 @@
-"""ComfyUI backend: a ModelPatcher (SD1.x/SD2.x UNet) + CLIP. The public entry the nodes import.
+"""ComfyUI backend: a ModelPatcher (SD1.x/SD2.x/SDXL UNet) + CLIP. The public entry the nodes import.
 
 Only the backends import ComfyUI, and only when a backend is made, so the core stays importable
 without it. The user's ModelPatcher is never modified: the backend works on `model.clone()`.
@@ -11,6 +11,11 @@ The parts, one job each:
   comfy_autograd.py     inference-mode workarounds (core_context, autograd over inference weights)
   comfy_training.py     K/V deltas and gradient checkpointing for concept training
   comfy_concept.py      concepts as patched MODEL/CLIP clones for stock nodes
+
+SDXL: the context the core carries is CLIP-L's and CLIP-G's hidden states (ComfyUI's SDXL CLIP,
+as CLIPTextEncode encodes) plus the pooled CLIP-G vector as one more row (sdxl_cond.py); each
+call builds the ADM vector y from that pooled vector and `self.size` with the model's own
+encode_adm, as ComfyUI's samplers do (default size: the latent's, x 8).
 
 Time: the core's integer DDIM timestep t is the model's discrete timestep; it is turned into
 sigma with the model's `model_sampling`, the latent is scaled to k-diffusion's
@@ -36,8 +41,9 @@ from .comfy_autograd import add_alias_forwards, core_context, ordinary, saving_c
 from .comfy_call import ModelCall
 from .comfy_fingerprint import fingerprint
 from .comfy_support import SUPPORTED, check_supported
-from .comfy_tokens import WORDS_KEY, ComfyTokenizer
+from .comfy_tokens import WORDS_KEY, ComfyTokenizer, tokenizer_name
 from .comfy_training import KVDeltas, add_checkpointing, kv_module_names
+from .sdxl_cond import SizeConditioning, pack, unpack
 
 __all__ = ["ComfyBackend", "ComfyTokenizer", "HOOK_KEY", "SUPPORTED", "WORDS_KEY", "core_context"]
 
@@ -48,7 +54,7 @@ class ComfyBackend(Backend):
     def __init__(self, model, clip):
         import comfy.model_management
 
-        ms = check_supported(model, clip)
+        ms, self.sdxl = check_supported(model, clip)
         self.source_model = model
         self.clip = clip
         self.patcher = model.clone()
@@ -66,8 +72,17 @@ class ComfyBackend(Backend):
         sigmas = ms.sigmas.detach().double().cpu()
         self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
         self.device = torch.device(model.load_device)
-        self.tokenizer = ComfyTokenizer(getattr(clip.tokenizer, clip.tokenizer.clip))
-        self._clip_key = clip.tokenizer.clip_name
+        tok = clip.tokenizer
+        self.tokenizer = ComfyTokenizer(getattr(tok, tokenizer_name(tok)))
+        if self.sdxl:
+            # ComfyUI's SDXL CLIP takes {"l": ..., "g": ...}; clip_g pads with its own pad token (0)
+            self._width_l = int(tok.clip_l.embedding_size)
+            self.text_widths = (self._width_l, int(tok.clip_g.embedding_size))
+            self._pad_g = int(tok.clip_g.pad_token)
+            self.pooled_dim = int(inner.model_config.unet_config["adm_in_channels"]) - 6 * 256
+            self.size = SizeConditioning()
+        else:
+            self._clip_key = tok.clip_name
         self._mm = comfy.model_management
         self._fingerprint = None
         self._session = 0
@@ -99,10 +114,15 @@ class ComfyBackend(Backend):
         out = []
         with torch.set_grad_enabled(grad), saving_copies(grad):
             for p, d in zip(prompts, vectors):
-                # ComfyUI puts a tensor entry's vector at that position (its `embedding:` mechanism)
-                row = [((d[pos].float() if pos in d else int(i)), 1.0) for pos, i in enumerate(p.ids)]
-                cond = clip.encode_from_tokens({self._clip_key: [row]})
-                out.append(cond.float())
+                if not self.sdxl:
+                    cond = clip.encode_from_tokens({self._clip_key: [_row(p, d)]})
+                    out.append(cond.float())
+                    continue
+                w = self._width_l
+                tokens = {"l": [_row(p, d, part=slice(0, w))],
+                          "g": [_row(p, d, part=slice(w, None), pad=self._pad_g)]}
+                cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+                out.append(pack(cond.float(), pooled.float()))
         return torch.cat(out).to(self.device)
 
     def predict_eps(self, z, t, context, hook=None):
@@ -118,8 +138,18 @@ class ComfyBackend(Backend):
         sigma = self._model_sampling.sigma(tt).to(dev, torch.float32).expand(B)
         s = sigma.view(B, 1, 1, 1)
         x = z * (s ** 2 + 1.0).sqrt()
-        denoised = self._call(x, sigma, context, hook)
+        extra = {}
+        if self.sdxl:
+            context, pooled = unpack(context, self.pooled_dim)
+            extra["y"] = self._adm(pooled, z.shape[2] * self.vae_scale, z.shape[3] * self.vae_scale).to(dev)
+        denoised = self._call(x, sigma, context, hook, extra)
         return ((x - denoised.float()) / s).float()
+
+    def _adm(self, pooled, height: int, width: int):
+        """SDXL's y: the model's encode_adm of the pooled vectors and the size conditioning."""
+        oh, ow, top, left, th, tw = self.size.time_ids(height, width)
+        return self.patcher.model.encode_adm(pooled_output=pooled, height=oh, width=ow, crop_h=top, crop_w=left,
+                                             target_height=th, target_width=tw, device=pooled.device)
 
     # ---- training --------------------------------------------------------------------------
 
@@ -136,8 +166,14 @@ class ComfyBackend(Backend):
             self._loaded = False        # the next call reloads our clone, which applies the wrappers
 
     def token_embedding_table(self) -> torch.Tensor:
+        """SDXL: CLIP-L's and CLIP-G's rows side by side (a concept word's vector is that pair)."""
         csm = self.clip.cond_stage_model
-        return getattr(csm, csm.clip).transformer.get_input_embeddings().weight.detach()
+        if self.sdxl:
+            tables = [csm.clip_l, csm.clip_g]
+        else:
+            tables = [getattr(csm, csm.clip)]
+        rows = [t.transformer.get_input_embeddings().weight.detach() for t in tables]
+        return torch.cat([r.to(rows[0]) for r in rows], dim=1)
 
     def text_grad_enabled(self):
         self._autograd_clip()
@@ -204,3 +240,11 @@ class ComfyBackend(Backend):
         if force or self._session == 0 or not self._loaded:
             self._mm.load_models_gpu([self.patcher])
             self._loaded = True
+
+
+def _row(p: PromptTokens, vectors: dict, part=slice(None), pad=None) -> list:
+    """One prompt as ComfyUI token pairs: ids, and a vector where `vectors` has one (ComfyUI puts a
+    tensor entry's vector at that position, its `embedding:` mechanism); `part` of each vector (SDXL:
+    CLIP-L's or CLIP-G's share); `pad` replaces the ids after the end token."""
+    return [((vectors[pos][part].float() if pos in vectors else (int(i) if pad is None or pos < p.length else pad)), 1.0)
+            for pos, i in enumerate(p.ids)]

@@ -46,7 +46,7 @@ class ModelCall:
             if self._runs == 0:
                 self.patcher.cleanup()
 
-    def __call__(self, x, sigma, context, hook=None):
+    def __call__(self, x, sigma, context, hook=None, extra=None):
         """The denoised estimate of x at sigma [B] (k-diffusion scaling), with our hook in this call."""
         import comfy.patcher_extension as pe
 
@@ -60,7 +60,7 @@ class ModelCall:
         to["uuids"] = [self._uuids[c] for c in chunks]
         to["sigmas"] = sigma
         to[HOOK_KEY] = hook
-        c = {"c_crossattn": context, "transformer_options": to}
+        c = {"c_crossattn": context, "transformer_options": to, **(extra or {})}     # extra: SDXL's y
         model = patcher.model
         with self.run():
             wrapper = options.get("model_function_wrapper")

@@ -1,9 +1,19 @@
-"""ComfyUI's SDTokenizer (clip.tokenizer.clip_l / clip_h) as the core's Tokenizer."""
+"""ComfyUI's SDTokenizer (clip.tokenizer.clip_l / clip_h; SDXL: its clip_l) as the core's Tokenizer."""
 from __future__ import annotations
 
 from ..tokens import AddedWords
 
 WORDS_KEY = "customedit_words"      # on a CLIP's SDTokenizer: concept word -> input vector (LoadConcept)
+
+
+def tokenizer_name(tok):
+    """The attribute of a CLIP's tokenizer holding the SDTokenizer whose ids the core uses: SD1/SD2's
+    only one (`tok.clip`); SDXL's clip_l (clip_g has the same vocabulary, it only pads with 0).
+    Concept words live on that one. None for tokenizers of other families."""
+    name = getattr(tok, "clip", None)
+    if name is None and hasattr(tok, "clip_l") and hasattr(tok, "clip_g"):
+        return "clip_l"
+    return name
 
 
 class ComfyTokenizer(AddedWords):

@@ -1,5 +1,10 @@
 """diffusers backend: UNet2DConditionModel + CLIPTextModel, hooks via attention processors.
 
+SDXL (a UNet with addition_embed_type "text_time"): a second text encoder
+(CLIPTextModelWithProjection) and tokenizer; the context is both encoders' penultimate hidden
+states side by side plus the pooled CLIP-G vector packed as one more row (sdxl_cond.py), and each
+call adds the size/crop time ids of `self.size` (default: the image's own size).
+
 Used by the tests (tiny models built from configs) and by Python users outside ComfyUI.
 The processors are installed when the backend is made and removed by `close()`; with no
 hook active they compute plain fused attention, so outputs match the stock processors.
@@ -20,6 +25,7 @@ from ..errors import InputError
 from ..tokens import AddedWords, PromptTokens
 from ..unet_names import diffusers_to_ldm
 from .base import SUPPORTED, Backend, input_vectors, wants_grad
+from .sdxl_cond import SizeConditioning, pack, unpack
 
 
 class HFTokenizer(AddedWords):
@@ -86,11 +92,27 @@ class DiffusersBackend(Backend):
     name = "diffusers"
 
     def __init__(self, unet, text_encoder, tokenizer, alphas_cumprod=None, prediction_type="epsilon",
-                 device=None, dtype=torch.float32):
+                 device=None, dtype=torch.float32, text_encoder_2=None, tokenizer_2=None):
         from ..ddim import sd_alphas_cumprod
 
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, None
         self.tokenizer = HFTokenizer(tokenizer)
+        added = getattr(unet.config, "addition_embed_type", None)
+        self.sdxl = added == "text_time"
+        if added and not self.sdxl:
+            raise InputError("model", f"the UNet has an added {added!r} embedding (not a text-to-image SD "
+                                      f"model); {SUPPORTED}")
+        if self.sdxl:
+            if text_encoder_2 is None or tokenizer_2 is None:
+                raise InputError("model", "an SDXL UNet needs its second text encoder and tokenizer "
+                                          "(text_encoder_2, tokenizer_2)")
+            self.text_encoder_2 = text_encoder_2
+            self.pooled_dim = int(text_encoder_2.config.projection_dim)
+            # SDXL's second stream pads with its own pad token ("!", id 0) after the end token
+            self.pad_2 = int(tokenizer_2.pad_token_id if tokenizer_2.pad_token_id is not None else tokenizer_2.eos_token_id)
+            self.width_1 = int(text_encoder.config.hidden_size)
+            self.text_widths = (self.width_1, int(text_encoder_2.config.hidden_size))
+            self.size = SizeConditioning()
         self.alphas_cumprod = alphas_cumprod if alphas_cumprod is not None else sd_alphas_cumprod()
         if prediction_type not in ("epsilon", "v_prediction"):
             raise InputError("model", f"prediction type {prediction_type!r} is not supported; {SUPPORTED}")
@@ -129,7 +151,7 @@ class DiffusersBackend(Backend):
         h = hashlib.sha1()
         with torch.no_grad():
             # sampled elements of every weight (whole tensors are never read: see fingerprint.py)
-            for mod in (self.unet, self.text_encoder):
+            for mod in self._modules():
                 for name, p in mod.named_parameters():
                     h.update(name.encode())
                     digests.update(h, p)
@@ -142,31 +164,24 @@ class DiffusersBackend(Backend):
                 h.update(word.encode() + self.tokenizer.vectors[i].detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def _modules(self):
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+
     def encode(self, prompts: Sequence[PromptTokens], overrides=None) -> torch.Tensor:
         vectors = input_vectors(self.tokenizer, prompts, overrides)
         vocab = self.tokenizer._first_added
-        ids = torch.tensor([[i if i < vocab else self.tokenizer.bos for i in p.ids] for p in prompts],
-                           device=self.device)
+        rows = [[i if i < vocab else self.tokenizer.bos for i in p.ids] for p in prompts]
+        ids = torch.tensor(rows, device=self.device)
         with torch.set_grad_enabled(wants_grad(vectors)):
-            if not any(vectors):
-                return self.text_encoder(ids)[0].float()
-            table = self.text_encoder.get_input_embeddings()
-            base = table(ids)
-            rows = []
-            for b, d in enumerate(vectors):
-                if d:
-                    pos = torch.tensor(list(d), device=self.device)
-                    vals = torch.stack([v.to(base.device, base.dtype) for v in d.values()])
-                    rows.append(base[b].index_put((pos,), vals))
-                else:
-                    rows.append(base[b])
-            embeds = torch.stack(rows)
-            # swap the lookup's output for ours: works for every CLIPTextModel version
-            handle = table.register_forward_hook(lambda module, args, output: embeds)
-            try:
-                return self.text_encoder(ids)[0].float()
-            finally:
-                handle.remove()
+            if not self.sdxl:
+                return _run(self.text_encoder, ids, vectors).last_hidden_state.float()
+            w = self.width_1
+            ids_2 = torch.tensor([r[:p.length] + [self.pad_2] * (len(r) - p.length) for r, p in zip(rows, prompts)],
+                                 device=self.device)
+            out_1 = _run(self.text_encoder, ids, [{k: v[:w] for k, v in d.items()} for d in vectors])
+            out_2 = _run(self.text_encoder_2, ids_2, [{k: v[w:] for k, v in d.items()} for d in vectors])
+            tokens = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+            return pack(tokens.float(), out_2.text_embeds.float())
 
     def kv_weights(self) -> dict:
         out = {}
@@ -187,11 +202,15 @@ class DiffusersBackend(Backend):
                         if f"{name}.to_k" in deltas or f"{name}.to_v" in deltas}
 
     def token_embedding_table(self) -> torch.Tensor:
-        return self.text_encoder.get_input_embeddings().weight.detach()
+        """SDXL: both encoders' rows side by side [vocab, D_l + D_g]; a concept word's vector is that pair."""
+        t = self.text_encoder.get_input_embeddings().weight.detach()
+        if self.sdxl:
+            t = torch.cat([t, self.text_encoder_2.get_input_embeddings().weight.detach().to(t)], dim=1)
+        return t
 
     @contextlib.contextmanager
     def frozen(self):
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        params = [p for m in self._modules() for p in m.parameters()]
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(False)
@@ -219,7 +238,14 @@ class DiffusersBackend(Backend):
         state.hook, state.latent_hw, state.deltas = hook, (z.shape[2], z.shape[3]), self._deltas
         try:
             tt = _timesteps(t, z.shape[0], self.device)
-            out = self.unet(z.to(self.dtype), tt, encoder_hidden_states=context.to(self.dtype)).sample.float()
+            extra = {}
+            if self.sdxl:
+                context, pooled = unpack(context, self.pooled_dim)
+                h, w = z.shape[2] * self.vae_scale, z.shape[3] * self.vae_scale
+                ids = torch.tensor(self.size.time_ids(h, w), device=self.device, dtype=self.dtype)
+                extra["added_cond_kwargs"] = {"text_embeds": pooled.to(self.dtype),
+                                              "time_ids": ids.expand(z.shape[0], -1)}
+            out = self.unet(z.to(self.dtype), tt, encoder_hidden_states=context.to(self.dtype), **extra).sample.float()
         finally:
             if not self._checkpointing:    # recomputation in backward reads them again
                 state.hook = state.deltas = None
@@ -227,6 +253,30 @@ class DiffusersBackend(Backend):
             a = self.alphas_cumprod[tt.cpu()].float().view(-1, 1, 1, 1).to(out.device)
             out = a.sqrt() * out + (1 - a).sqrt() * z.float()
         return out
+
+
+def _run(encoder, ids, vectors):
+    """The encoder's outputs (all hidden states) with `vectors` ({position: vector} per row) as the
+    input embeddings at those positions; autograd reaches the vectors."""
+    if not any(vectors):
+        return encoder(ids, output_hidden_states=True)
+    table = encoder.get_input_embeddings()
+    base = table(ids)
+    rows = []
+    for b, d in enumerate(vectors):
+        if d:
+            pos = torch.tensor(list(d), device=ids.device)
+            vals = torch.stack([v.to(base.device, base.dtype) for v in d.values()])
+            rows.append(base[b].index_put((pos,), vals))
+        else:
+            rows.append(base[b])
+    embeds = torch.stack(rows)
+    # swap the lookup's output for ours: works for every CLIPTextModel version
+    handle = table.register_forward_hook(lambda module, args, output: embeds)
+    try:
+        return encoder(ids, output_hidden_states=True)
+    finally:
+        handle.remove()
 
 
 def _timesteps(t, batch: int, device) -> torch.Tensor:
