@@ -11,7 +11,8 @@ import torch
 
 from .tiny import tiny_tokenizer
 
-L_WIDTH, G_WIDTH, POOLED, TIME_DIM = 32, 48, 40, 8
+L_WIDTH, G_WIDTH, TIME_DIM = 32, 48, 8
+POOLED = G_WIDTH      # the projection is square, as SDXL's CLIP-G (1280 -> 1280) and ComfyUI assume
 
 
 def tiny_sdxl_tokenizers():

@@ -439,11 +439,11 @@ def test_refuses_unsupported_models(comfy, models, latent):
     import comfy.supported_models as sm
 
     _, clip, _ = models
-    sdxl = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object.__new__(sm.SDXL)), clone=None)
-    msg = expect_input_error("model", comfy.NODE_CLASS_MAPPINGS["CustomEditNullTextInvert"].execute, model=sdxl,
+    refiner = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object.__new__(sm.SDXLRefiner)), clone=None)
+    msg = expect_input_error("model", comfy.NODE_CLASS_MAPPINGS["CustomEditNullTextInvert"].execute, model=refiner,
                              clip=clip, latent=latent, source_prompt=SOURCE, steps=2, guidance=7.5, method="ddim",
                              inner_steps=1)
-    assert "SDXL" in msg and "SD1.x and SD2.x" in msg
+    assert "SDXL refiner" in msg and "SD1.x, SD2.x and SDXL base" in msg
 
 
 def test_bad_inputs_name_the_input(comfy, models, latent):

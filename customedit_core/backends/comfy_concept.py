@@ -16,16 +16,26 @@ from ..concept import Concept, check_base
 from ..errors import InputError
 from ..tokens import added_pattern, check_new_word
 from .comfy import ComfyBackend
-from .comfy_tokens import WORDS_KEY
+from .comfy_tokens import WORDS_KEY, tokenizer_name
 
 CLASSES_KEY = "customedit_classes"    # beside WORDS_KEY: concept word -> class word (DCI's plain prompt)
 
 _NAME = "__customedit_{}__"
 
 
+PART_KEY = "customedit_part"          # on each SDTokenizer: the share of a word's vector it encodes
+
+
 def _inner(clip):
     tok = getattr(clip, "tokenizer", None)
-    return getattr(tok, getattr(tok, "clip", ""), None)
+    return getattr(tok, tokenizer_name(tok) or "", None)
+
+
+def _parts(tok, widths) -> list:
+    """(tokenizer attribute, share of each word vector): SD1/SD2 one whole; SDXL CLIP-L's, CLIP-G's."""
+    if widths:
+        return [("clip_l", slice(0, widths[0])), ("clip_g", slice(widths[0], None))]
+    return [(tok.clip, slice(None))]
 
 
 def loaded_words(clip) -> dict:
@@ -55,19 +65,23 @@ def apply_concept(model, clip, concept: Concept, strength: float = 1.0, input_na
         raise InputError(input_name, f"only {len(added)} of {len(patches)} K/V deltas fit this model's layers")
     c = clip.clone()
     tok = copy.copy(clip.tokenizer)
-    inner = copy.copy(getattr(tok, tok.clip))
     words = dict(taken)
     words.update({w: v.detach().float().cpu().clone() for w, v in zip(concept.tokens, concept.embeddings)})
-    setattr(inner, WORDS_KEY, words)
-    classes = dict(getattr(inner, CLASSES_KEY, {}) or {})
+    classes = dict(getattr(_inner(clip), CLASSES_KEY, {}) or {})
     classes.update(zip(concept.tokens, concept.class_words))
-    setattr(inner, CLASSES_KEY, classes)
-    if inner.embedding_directory is None:        # ComfyUI only resolves `embedding:` with a directory set
-        inner.embedding_directory = []
-    # bound to this copy: a copied instance attribute would still call the original's
-    inner.tokenize_with_weights = types.MethodType(_tokenize_with_words, inner)
-    inner._try_get_embedding = types.MethodType(_try_get_word, inner)
-    setattr(tok, tok.clip, inner)
+    # every SDTokenizer of the CLIP (SDXL: clip_l and clip_g) resolves the words to its share of the
+    # vector, so stock CLIPTextEncode and our backend see the same input vectors
+    for attr, part in _parts(tok, backend.text_widths):
+        inner = copy.copy(getattr(tok, attr))
+        setattr(inner, WORDS_KEY, words)
+        setattr(inner, CLASSES_KEY, classes)
+        setattr(inner, PART_KEY, part)
+        if inner.embedding_directory is None:    # ComfyUI only resolves `embedding:` with a directory set
+            inner.embedding_directory = []
+        # bound to this copy: a copied instance attribute would still call the original's
+        inner.tokenize_with_weights = types.MethodType(_tokenize_with_words, inner)
+        inner._try_get_embedding = types.MethodType(_try_get_word, inner)
+        setattr(tok, attr, inner)
     c.tokenizer = tok
     return m, c, warnings
 
@@ -89,5 +103,5 @@ def _try_get_word(self, embedding_name: str):
     words = sorted(getattr(self, WORDS_KEY))
     for i, w in enumerate(words):
         if name == _NAME.format(i):
-            return getattr(self, WORDS_KEY)[w], " ".join(parts[1:])
+            return getattr(self, WORDS_KEY)[w][getattr(self, PART_KEY, slice(None))], " ".join(parts[1:])
     return type(self)._try_get_embedding(self, embedding_name)

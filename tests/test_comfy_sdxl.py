@@ -1,0 +1,135 @@
+"""The ComfyUI backend on SDXL: a tiny SDXL built from ComfyUI's own classes (comfy_sdxl_support.py).
+
+What it pins: our context is what stock CLIPTextEncode gives (CLIP-L + CLIP-G hidden states, the pooled
+vector), the y vector is the model's own encode_adm at the latent's size (as ComfyUI's samplers fill it
+in), the methods' properties hold, the family checks name the input, and a concept loaded on an SDXL
+CLIP reaches stock CLIPTextEncode with both encoders' shares of its vector.
+
+  COMFYUI_DIR=/tmp/ComfyUI OMP_NUM_THREADS=2 /tmp/comfy-venv/bin/python -m pytest tests/test_comfy_sdxl.py
+"""
+import comfy_support as S
+
+S.skip_unless_comfy()
+
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from comfy_sdxl_support import G_WIDTH, L_WIDTH, POOLED, tiny_sdxl  # noqa: E402
+
+SOURCE = "a photo of a cat on grass"
+
+
+@pytest.fixture(scope="module")
+def xl(comfy):
+    with torch.inference_mode():
+        return tiny_sdxl()
+
+
+@pytest.fixture(scope="module")
+def mods(comfy):
+    return types.SimpleNamespace(cb=S.pack_module(comfy, "customedit_core.backends.comfy"),
+                                 core=S.pack_module(comfy, "customedit_core"),
+                                 tokens=S.pack_module(comfy, "customedit_core.tokens"),
+                                 errors=S.pack_module(comfy, "customedit_core.errors"),
+                                 concept=S.pack_module(comfy, "customedit_core.concept"),
+                                 cc=S.pack_module(comfy, "customedit_core.backends.comfy_concept"))
+
+
+@pytest.fixture(scope="module")
+def z0():
+    return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_context_is_what_stock_clip_text_encode_gives(comfy, xl, mods):
+    model, clip = xl
+    with torch.inference_mode():
+        b = mods.cb.ComfyBackend(model, clip)
+        ctx = b.encode([mods.tokens.tokenize(b.tokenizer, SOURCE)])
+        (cond, extra), = comfy.CLIPTextEncode().encode(clip, SOURCE)[0]
+    assert b.sdxl and b.text_widths == (L_WIDTH, G_WIDTH) and b.pooled_dim == POOLED
+    assert ctx.shape == (1, 78, L_WIDTH + G_WIDTH)
+    assert torch.allclose(ctx[:, :77], cond.float(), atol=1e-5)
+    assert torch.allclose(ctx[0, -1, :POOLED], extra["pooled_output"][0].float(), atol=1e-5)
+
+
+def test_y_is_the_models_encode_adm_at_the_latent_size(xl, mods, z0):
+    model, clip = xl
+    seen = []
+    m = model.clone()
+    m.set_model_unet_function_wrapper(lambda f, a: seen.append(a["c"]["y"]) or f(a["input"], a["timestep"], **a["c"]))
+    with torch.inference_mode():
+        b = mods.cb.ComfyBackend(m, clip)
+        ctx = b.encode([mods.tokens.tokenize(b.tokenizer, SOURCE)])
+        with mods.cb.core_context():
+            b.predict_eps(z0, 500, ctx)
+            b.size = type(b.size)(original=(1024, 1024), crop=(0, 32))
+            b.predict_eps(z0, 500, ctx)
+        want = model.model.encode_adm(pooled_output=ctx[:, -1, :POOLED], width=128, height=128)
+        sized = model.model.encode_adm(pooled_output=ctx[:, -1, :POOLED], width=1024, height=1024, crop_w=32)
+    assert torch.allclose(seen[0].float(), want.float()) and torch.allclose(seen[1].float(), sized.float())
+
+
+@pytest.mark.parametrize("method", ["ddim", "null_text", "direct", "negative_prompt"])
+def test_inversion_and_identical_prompt_edit(xl, mods, z0, method):
+    model, clip = xl
+    with torch.inference_mode():
+        b = mods.cb.ComfyBackend(model, clip)
+        with mods.cb.core_context():
+            inv = mods.core.invert(b, z0, SOURCE, steps=6, method=method, inner_steps=2)
+            same = mods.core.p2p_edit(b, inv, SOURCE)
+            other = mods.core.p2p_edit(b, inv, "a photo of a dog on grass")
+    assert (inv.reconstruction - z0).abs().mean() < 1e-2
+    if method != "direct":          # direct corrects the source row only
+        assert (same.edited[0] - same.source[0]).abs().max() < 1e-5
+    assert (other.edited - other.source).abs().max() > 1e-5         # the target prompt did reach the model
+
+
+def test_family_checks_name_the_input(comfy, xl, mods):
+    import comfy.supported_models as sm
+
+    model, clip = xl
+    sd1_clip = types.SimpleNamespace(tokenizer=types.SimpleNamespace(clip="clip_l", clip_l=clip.tokenizer.clip_l),
+                                     encode_from_tokens=None)
+    with pytest.raises(mods.errors.InputError, match="clip.*SD1.x/SD2.x CLIP but the model is SDXL"):
+        mods.cb.ComfyBackend(model, sd1_clip)
+    refiner = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object.__new__(sm.SDXLRefiner)), clone=None)
+    with pytest.raises(mods.errors.InputError, match="model.*SDXL refiner"):
+        mods.cb.ComfyBackend(refiner, clip)
+
+
+def test_concept_reaches_stock_clip_text_encode_with_both_shares(comfy, xl, mods):
+    model, clip = xl
+    C = mods.concept
+    with torch.inference_mode():
+        b = mods.cb.ComfyBackend(model, clip)
+        g = torch.Generator().manual_seed(3)
+        kv = b.kv_weights()
+        concept = C.Concept(("<new1>",), ("cat",), torch.randn(1, L_WIDTH + G_WIDTH, generator=g),
+                            {k: torch.randn(w.shape, generator=g) * 0.05 for k, w in kv.items()}, C.probe(b),
+                            C.fingerprint_of(C.probe(b)), {}, "xl", (L_WIDTH, G_WIDTH))
+        m2, c2, _ = mods.cc.apply_concept(model, clip, concept)
+        b2 = mods.cb.ComfyBackend(m2, c2)
+        ours = b2.encode([mods.tokens.tokenize(b2.tokenizer, "a photo of a <new1> cat")])
+        (cond, extra), = comfy.CLIPTextEncode().encode(c2, "a photo of a <new1> cat")[0]
+        plain = b.encode([mods.tokens.tokenize(b.tokenizer, "a photo of a cat")])
+    assert torch.allclose(ours[:, :77], cond.float(), atol=1e-5)
+    assert torch.allclose(ours[0, -1, :POOLED], extra["pooled_output"][0].float(), atol=1e-5)
+    assert (ours[:, :77] - plain[:, :77]).abs().max() > 1e-3       # the word's vector did go in
+    sd1 = C.Concept(("<new2>",), ("cat",), torch.zeros(1, 768), {}, C.probe(b), "x", {}, "sd1")
+    with pytest.raises(mods.errors.InputError, match="concept.*SD1.x/SD2.x model"):
+        mods.cc.apply_concept(model, clip, sd1)
+
+
+def test_nodes_invert_and_edit_an_sdxl_latent(comfy, xl):
+    model, clip = xl
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))}
+    inv, recon = S.run_node(comfy, "CustomEditNullTextInvert", model=model, clip=clip, latent=latent,
+                            source_prompt=SOURCE, steps=4, guidance=7.5, method="null_text", inner_steps=2)
+    edited, mask = S.run_node(comfy, "CustomEditP2PEdit", model=model, clip=clip, inversion=inv,
+                              target_prompt=SOURCE, mode="refine", cross_replace=0.8, self_replace=0.5)
+    assert edited["samples"].shape == (1, 4, 16, 16)
+    assert (edited["samples"] - recon["samples"]).abs().max() < 1e-5     # identical prompt: the reconstruction
+    # SDXL's latent scale (0.13025) is applied on the way in and out
+    assert (recon["samples"] - latent["samples"]).abs().mean() < 1e-2
