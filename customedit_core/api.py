@@ -439,13 +439,13 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
         model, family = TOYWORLD_FOLDER, "toyworld"
     model = os.fspath(model)
     if os.path.isdir(model):
-        unet, te, tok, vae, alphas, pred = _load_folder(model, tokenizer, log)
+        unet, te, tok, vae, alphas, pred, second = _load_folder(model, tokenizer, log)
         pred = prediction_type or pred
         # the UNet's native size: 512 px for SD1.x, 768 for SD2.x-v, 64 for the toy-world model
         family, size = family or "diffusers", int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     elif os.path.isfile(model):
         unet, te, tok, vae, pred, family = _load_single_file(model, tokenizer, prediction_type, log, notes)
-        alphas, size = None, 512
+        alphas, size, second = None, 512, (None, None)
     elif model.lower().endswith(PICKLE_SUFFIXES):
         raise InputError("model", f"{model!r} does not exist (and pickle checkpoints are refused anyway: "
                                   "convert them to .safetensors)")
@@ -453,7 +453,8 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
         raise InputError("model", f"{model!r} does not exist; expected a diffusers-format folder or a "
                                   ".safetensors SD1.x/SD2.x checkpoint (models are never downloaded)")
     pipe = from_models(unet, te, tok, vae, device=dev, dtype=dtype, alphas_cumprod=alphas, prediction_type=pred,
-                       source=model, family=family, notes=notes, log=log, default_size=size)
+                       source=model, family=family, notes=notes, log=log, default_size=size,
+                       text_encoder_2=second[0], tokenizer_2=second[1])
     if os.path.isdir(model):
         pipe.edit_defaults = model_defaults(model)
     return pipe
@@ -485,26 +486,33 @@ def model_defaults(folder: str) -> dict:
 def from_models(unet, text_encoder, tokenizer, vae, device=None, dtype: Optional[torch.dtype] = None,
                 alphas_cumprod: Optional[torch.Tensor] = None, prediction_type: str = "epsilon",
                 source: str = "", family: str = "diffusers", notes: Sequence[str] = (),
-                log: Optional[Callable[[str], None]] = None, default_size: int = 512) -> Pipeline:
+                log: Optional[Callable[[str], None]] = None, default_size: int = 512,
+                text_encoder_2=None, tokenizer_2=None) -> Pipeline:
     """A Pipeline of diffusers modules already built (UNet2DConditionModel, CLIPTextModel, CLIPTokenizer,
-    AutoencoderKL): frozen, in eval mode, moved to the device; the UNet and text encoder in `dtype`
-    (default float16 on CUDA, float32 on the CPU), the VAE in float32. alphas_cumprod: default SD's
-    scaled-linear schedule."""
+    AutoencoderKL; SDXL: also CLIPTextModelWithProjection and its tokenizer): frozen, in eval mode,
+    moved to the device; the UNet and text encoders in `dtype` (default float16 on CUDA, float32 on
+    the CPU), the VAE in float32. alphas_cumprod: default SD's scaled-linear schedule."""
     dev = _device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    for m in (unet, text_encoder, vae):
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
+    for m in (unet, *encoders, vae):
         m.requires_grad_(False)
         m.eval()
-    for m, dt in ((unet, dtype), (text_encoder, dtype), (vae, torch.float32)):
+    for m, dt in ((unet, dtype), *((e, dtype) for e in encoders), (vae, torch.float32)):
         m.to(dev)
         if _dtype(m) != dt:
             m.to(dt)
     backend = DiffusersBackend(unet, text_encoder, tokenizer, alphas_cumprod=alphas_cumprod,
-                               prediction_type=prediction_type, device=dev, dtype=dtype)
+                               prediction_type=prediction_type, device=dev, dtype=dtype,
+                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     backend.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     scaling = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
     return Pipeline(backend, vae, scaling, source, family, list(notes), log or _stderr, default_size)
+
+
+# diffusers pipelines whose folders hold an SDXL base (two text encoders, text_time UNet)
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 
 
 def _has_weights(folder: str, name: str) -> Optional[str]:
@@ -513,7 +521,7 @@ def _has_weights(folder: str, name: str) -> Optional[str]:
     if not os.path.isdir(path):
         raise InputError("model", f"{folder!r} has no {name}/ folder; a diffusers-format SD1.x/SD2.x folder "
                                   "needs unet/, text_encoder/, tokenizer/ and vae/ (scheduler/ optional)")
-    if name == "tokenizer":
+    if name.startswith("tokenizer"):
         return path
     files = os.listdir(path)
     if not any(f.endswith(".safetensors") for f in files):
@@ -530,21 +538,25 @@ def _load_folder(folder: str, tokenizer: Optional[str], log):
     from .single_file import load_tokenizer_folder
 
     index = os.path.join(folder, "model_index.json")
+    cls = ""
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             cls = json.load(f).get("_class_name", "")
-        if any(x in cls for x in ("XL", "StableDiffusion3", "Flux", "Cascade", "Kandinsky", "UnCLIP", "PixArt",
-                                  "Upscale", "Sana", "Wuerstchen")):
+        if cls not in SDXL_PIPELINES and any(x in cls for x in (
+                "XL", "StableDiffusion3", "Flux", "Cascade", "Kandinsky", "UnCLIP", "PixArt", "Upscale", "Sana",
+                "Wuerstchen")):
             raise InputError("model", f"{folder!r} is a {cls} folder, which is not supported; {SUPPORTED}")
-    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        raise InputError("model", f"{folder!r} has a second text encoder (an SDXL-type model), which is not "
-                                  f"supported; {SUPPORTED}")
+    sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
+    if sdxl and not os.path.isdir(os.path.join(folder, "text_encoder")):
+        raise InputError("model", f"{folder!r} has only the second (CLIP-G) text encoder: an SDXL refiner, which "
+                                  f"is not supported (it is an img2img second stage); load the SDXL base; {SUPPORTED}")
     for name in ("unet", "text_encoder", "vae"):
         _has_weights(folder, name)
     with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as f:
         ucfg = json.load(f)
-    if ucfg.get("addition_embed_type") or ucfg.get("cross_attention_dim") == 2048:
-        raise InputError("model", f"{folder!r} holds an SDXL-type UNet, which is not supported yet; {SUPPORTED}")
+    if (ucfg.get("addition_embed_type") == "text_time") != sdxl:
+        what = "an SDXL UNet without text_encoder_2/" if not sdxl else "text_encoder_2/ with a UNet that is not SDXL's"
+        raise InputError("model", f"{folder!r} has {what}; expected a complete SD1.x/SD2.x or SDXL folder")
     if ucfg.get("in_channels", 4) != 4:
         raise InputError("model", f"the UNet takes {ucfg.get('in_channels')} input channels (an inpainting or "
                                   "depth model); only plain 4-channel text-to-image models are supported")
@@ -555,6 +567,16 @@ def _load_folder(folder: str, tokenizer: Optional[str], log):
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **dkw)
     tok = load_tokenizer_folder(tokenizer or _has_weights(folder, "tokenizer"), None,
                                 "tokenizer" if tokenizer else "model")
+    second = (None, None)
+    if sdxl:
+        from transformers import CLIPTextModelWithProjection
+
+        _has_weights(folder, "text_encoder_2")
+        te2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2"), **kw)
+        # bare vocab/merges: pad with "!" (what SDXL's tokenizer_2 does, as SD2.x's tokenizer)
+        tok2 = load_tokenizer_folder(_has_weights(folder, "tokenizer_2"), "sd2", "model")
+        _check_vocab(te2, tok2)
+        second = (te2, tok2)
     alphas, pred = None, "epsilon"
     sch = os.path.join(folder, "scheduler", "scheduler_config.json")
     if os.path.isfile(sch):
@@ -563,7 +585,7 @@ def _load_folder(folder: str, tokenizer: Optional[str], log):
     else:
         log("note: no scheduler/scheduler_config.json; assuming SD's scaled-linear betas and epsilon prediction")
     _check_vocab(te, tok)
-    return unet, te, tok, vae, alphas, pred
+    return unet, te, tok, vae, alphas, pred, second
 
 
 def _load_single_file(path: str, tokenizer: Optional[str], prediction_type, log, notes):

@@ -143,15 +143,28 @@ def test_diffusers_folder_with_pickled_weights_is_refused(folder, tmp_path):
         api.load(str(copy), log=quiet)
 
 
-def test_diffusers_sdxl_folder_is_refused(folder, tmp_path):
+def test_diffusers_sdxl_folder_loads_and_a_refiner_is_refused(tmp_path):
     import json
     import shutil
-    path, _ = folder
-    copy = tmp_path / "xl"
-    shutil.copytree(path, copy)
-    (copy / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(InputError, match="StableDiffusionXLPipeline.*Stable Diffusion 1.x and 2.x"):
-        api.load(str(copy), log=quiet)
+
+    from testmodels.tiny_sdxl import tiny_sdxl_models
+    unet, te, te2, tok, tok2, vae = tiny_sdxl_models(with_vae=True)
+    path = tmp_path / "xl"
+    for name, m in (("unet", unet), ("text_encoder", te), ("text_encoder_2", te2), ("tokenizer", tok),
+                    ("tokenizer_2", tok2), ("vae", vae)):
+        m.save_pretrained(str(path / name))
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    pipe = api.load(str(path), log=quiet)
+    b = pipe.backend
+    assert b.sdxl and b.pad_2 == 0 and b.text_widths == (te.config.hidden_size, te2.config.hidden_size)
+    inv = pipe.invert(api.demo_scene(64), "a photo of a cat", steps=2, method="ddim")
+    assert inv.latents[0].shape == (1, 4, 8, 8)
+    shutil.rmtree(path / "text_encoder")
+    with pytest.raises(InputError, match="SDXL refiner"):
+        api.load(str(path), log=quiet)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLInpaintPipeline"}))
+    with pytest.raises(InputError, match="StableDiffusionXLInpaintPipeline.*not supported"):
+        api.load(str(path), log=quiet)
 
 
 # --- single-file checkpoints -------------------------------------------------------------------
