@@ -32,8 +32,8 @@ def _randomise(module, seed, out_scale=None):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02 * (8 if "embedding" in name else 1))
 
 
-def tiny_sdxl(seed: int = 0):
-    """(ModelPatcher, CLIP) of a tiny SDXL, both on the CPU."""
+def tiny_sdxl(seed: int = 0, embedding_directory=None):
+    """(ModelPatcher, CLIP) of a tiny SDXL, both on the CPU; `embedding:` files from embedding_directory."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
@@ -78,6 +78,6 @@ def tiny_sdxl(seed: int = 0):
         out.weight.mul_(0.1)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
-    clip = comfy.sd.CLIP(target=Target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=Target, embedding_directory=embedding_directory, model_options={"dtype": torch.float32})
     _randomise(clip.cond_stage_model, seed + 1)
     return patcher, clip

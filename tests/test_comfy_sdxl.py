@@ -133,3 +133,35 @@ def test_nodes_invert_and_edit_an_sdxl_latent(comfy, xl):
     assert (edited["samples"] - recon["samples"]).abs().max() < 1e-5     # identical prompt: the reconstruction
     # SDXL's latent scale (0.13025) is applied on the way in and out
     assert (recon["samples"] - latent["samples"]).abs().mean() < 1e-2
+
+
+def test_concept_exports_reproduce_it_with_stock_lora_and_embedding(comfy, mods, tmp_path, z0):
+    """The LoRA (.diff K/V deltas) through ComfyUI's own LoRA loading, and the SDXL embedding file
+    (clip_l + clip_g) through `embedding:` in stock CLIPTextEncode, give our concept's numbers."""
+    from comfy.sd import load_lora_for_models
+    from comfy.utils import load_torch_file
+
+    C = mods.concept
+    with torch.inference_mode():
+        model, clip = tiny_sdxl(embedding_directory=[str(tmp_path)])
+        b = mods.cb.ComfyBackend(model, clip)
+        g = torch.Generator().manual_seed(4)
+        concept = C.Concept(("<new1>",), ("cat",), torch.randn(1, L_WIDTH + G_WIDTH, generator=g),
+                            {k: torch.randn(w.shape, generator=g) * 0.05 for k, w in b.kv_weights().items()},
+                            C.probe(b), C.fingerprint_of(C.probe(b)), {}, "xl", (L_WIDTH, G_WIDTH))
+        C.export_embedding(concept, str(tmp_path / "xl_cat.safetensors"))
+        lora = load_torch_file(C.export_lora(concept, str(tmp_path / "xl_cat_lora.safetensors")))
+        m3, c3 = load_lora_for_models(model, clip, lora, 1.0, 0.0)
+        (cond, extra), = comfy.CLIPTextEncode().encode(c3, "a photo of a embedding:xl_cat cat")[0]
+        m2, c2, _ = mods.cc.apply_concept(model, clip, concept)
+        ours_b = mods.cb.ComfyBackend(m2, c2)
+        ours = ours_b.encode([mods.tokens.tokenize(ours_b.tokenizer, "a photo of a <new1> cat")])
+        stock_b = mods.cb.ComfyBackend(m3, clip)
+        with mods.cb.core_context():
+            eps_ours = ours_b.predict_eps(z0, 500, ours)
+            stock_ctx = torch.cat([cond.float(), torch.cat([extra["pooled_output"].float(),
+                                                            torch.zeros(1, L_WIDTH + G_WIDTH - POOLED)], 1)[:, None]], 1)
+            eps_stock = stock_b.predict_eps(z0, 500, stock_ctx)
+    assert torch.allclose(ours[:, :77], cond.float(), atol=1e-5)
+    assert torch.allclose(ours[0, -1, :POOLED], extra["pooled_output"][0].float(), atol=1e-5)
+    assert torch.allclose(eps_ours, eps_stock, atol=1e-5)
