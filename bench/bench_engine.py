@@ -153,6 +153,20 @@ def real_shaped(device, dtype, family: str = "sd15"):
                         f"{family}-shapes", log=lambda s: None)
 
 
+def sdxl_shaped(device, dtype):
+    """Random weights at SDXL base's exact shapes (testmodels/real_shapes.build_sdxl), through
+    api.from_models as a user's SDXL modules would go."""
+    from testmodels import real_shapes
+
+    from customedit_core import api
+
+    unet, te, te2, tok, tok2, vae = real_shapes.build_sdxl()
+    n = sum(p.numel() for p in unet.parameters())
+    return api.from_models(unet, te, tok, vae, device=device, dtype=dtype, text_encoder_2=te2, tokenizer_2=tok2,
+                           source=f"sdxl-shapes (random weights, UNet {n / 1e6:.0f}M params)", family="sdxl-shapes",
+                           log=lambda s: None, default_size=1024)
+
+
 # --- runs ---------------------------------------------------------------------------------
 def timed(meter, device, fn, repeat=1):
     """(output, fastest seconds, largest peak MiB) over `repeat` runs."""
@@ -180,6 +194,8 @@ def add_model_args(ap, sd15_cpu_size: int):
     ap.add_argument("--model", help="diffusers folder or SD1.x/SD2.x .safetensors (default: the tiny model)")
     ap.add_argument("--sd15-shapes", action="store_true", help="random weights at SD1.5's exact shapes")
     ap.add_argument("--sd2-shapes", action="store_true", help="random weights at SD2.x-768-v's exact shapes")
+    ap.add_argument("--sdxl-shapes", action="store_true", help="random weights at SDXL base's exact shapes "
+                                                               "(1024 px on cuda)")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50 on cuda, 10 on cpu)")
     ap.add_argument("--size", type=int, default=None, help="image side in px (default: 512 on cuda; on cpu "
                                                            f"{sd15_cpu_size} for --sd15/sd2-shapes, 64 for tiny)")
@@ -206,7 +222,11 @@ def setup(a, sd15_cpu_size: int):
              None: torch.float16 if device.type == "cuda" else torch.float32}[a.dtype]
     steps = a.steps or (50 if device.type == "cuda" else 10)
     t0 = time.perf_counter()
-    if a.sd15_shapes or a.sd2_shapes:
+    if getattr(a, "sdxl_shapes", False):
+        pipe = sdxl_shaped(device, dtype)
+        size = a.size or (1024 if device.type == "cuda" else sd15_cpu_size)
+        label = "sdxl-shapes"
+    elif a.sd15_shapes or a.sd2_shapes:
         family = "sd2" if a.sd2_shapes else "sd15"
         pipe = real_shaped(device, dtype, family)
         size = a.size or ((768 if a.sd2_shapes else 512) if device.type == "cuda" else sd15_cpu_size)

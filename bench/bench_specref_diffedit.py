@@ -5,13 +5,15 @@ run (same model, steps, guidance 7.5, same process), and the size of SpecRef's r
     OMP_NUM_THREADS=2 python bench/bench_specref_diffedit.py                     # tiny model, CPU
     OMP_NUM_THREADS=1 python bench/bench_specref_diffedit.py --sd15-shapes --size 128 --steps 5
     python bench/bench_specref_diffedit.py --sd15-shapes --device cuda --size 512 --steps 50
+    OMP_NUM_THREADS=2 python bench/bench_specref_diffedit.py --sdxl-shapes --size 128 --steps 3 --samples 2
 
 Runs, after one warm-up model call: baseline (plain DDIM sampling with CFG, first and last; ratios use
 the mean), specref_extract (inversion of the reference keeping its K/V), specref_edit (on a direct
 inversion of the source, which is not counted), diffedit_mask (--samples noise samples),
 diffedit_sample (encoding ratio 0.8). Memory is measured as in bench_engine.py.
 
-The bank size at 512x512 px for SD1.5 (the two finest decoder levels, steps 4..49 of 50) is computed
+The bank size at the native size (SD1.5 512 px, SDXL 1024 px; the two finest decoder levels with
+self-attention, steps 4..49 of 50; the key names the size) is computed
 from the UNet's layer shapes: per kept layer and step, K and V of [tokens, channels] each; the same
 formula is checked against the bank measured here.
 """
@@ -122,7 +124,8 @@ def main(argv=None):
     latent_side = z0.shape[2]
     measured_formula = bank_bytes(layers, latent_side, rows["specref_extract"]["bank_steps"], bank.levels, element)
     kept_512 = 50 - int(0.08 * 50)
-    bank_512 = {f"{name}_mib": bank_bytes(layers, 64, kept_512, (0, 1), nbytes) / 2 ** 20
+    native = 128 if getattr(b, "sdxl", False) else 64      # latent side at the native size: SDXL 1024 px, SD1.5 512
+    bank_512 = {f"{name}_mib": bank_bytes(layers, native, kept_512, (0, 1), nbytes) / 2 ** 20
                 for name, nbytes in (("fp16", 2), ("fp32", 4))}
     unet_params = sum(p.numel() for p in b.unet.parameters())
     bank_512["ratio_to_unet_weights"] = bank_512["fp16_mib"] * 2 ** 20 / (2 * unet_params)   # same precision
@@ -137,7 +140,7 @@ def main(argv=None):
         "bank": {"measured_bytes": bank.nbytes, "formula_bytes": measured_formula,
                  "formula_matches": measured_formula == bank.nbytes,
                  "layers_kept": sorted(bank.sites), "levels": list(bank.levels),
-                 "at_512px_50_steps_levels_0_1_steps_4_to_49": bank_512},
+                 f"at_{native * 8}px_50_steps_levels_0_1_steps_4_to_49": bank_512},
     }
     out = a.out or os.path.join(ROOT, "bench", "results", f"specref_diffedit-{label}-{device.type}-{size}px-{steps}st.json")
     write_json(out, result)
@@ -150,7 +153,7 @@ def main(argv=None):
     print(f"reference K/V bank here: {bank.describe()} (layer-shape formula "
           f"{'matches' if result['bank']['formula_matches'] else 'DIFFERS: ' + str(measured_formula)})")
     if label != "tiny":
-        print(f"bank at 512x512, 50 steps (4..49), decoder levels 0-1: {bank_512['fp16_mib']:.0f} MiB fp16, "
+        print(f"bank at {native * 8}x{native * 8}, 50 steps (4..49), decoder levels 0-1: {bank_512['fp16_mib']:.0f} MiB fp16, "
               f"{bank_512['fp32_mib']:.0f} MiB fp32 ({bank_512['ratio_to_unet_weights']:.2f}x the UNet's weights "
               "in the same precision)")
     print(f"wrote {out}")

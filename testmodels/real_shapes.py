@@ -79,6 +79,45 @@ def build(family: str, seed: int = 0, with_vae: bool = True):
     return unet, te, tok, vae
 
 
+# SDXL 1.0 base: three levels (no attention at the first), 1/2/10 transformer blocks, heads of 64
+SDXL_UNET = dict(in_channels=4, out_channels=4, sample_size=128, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SDXL_TEXT_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
+
+
+def build_sdxl(seed: int = 0, with_vae: bool = True):
+    """(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae or None) at SDXL base's
+    exact shapes (2.57 B UNet, CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 text), float32, eval."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from customedit_core.clip_vocab import clip_tokenizer
+
+    tok, tok2 = clip_tokenizer("<|endoftext|>"), clip_tokenizer("!")
+    ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        te = CLIPTextModel(CLIPTextConfig(**ids, **TEXT["sd15"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **SDXL_TEXT_G))
+        vae = AutoencoderKL(**vae_config(), scaling_factor=0.13025) if with_vae else None
+    g = torch.Generator().manual_seed(seed)
+    for m in (unet, te, te2, vae):
+        if m is not None:
+            _fill(m, g)
+            m.requires_grad_(False).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.1)
+        unet.conv_out.bias.zero_()
+    return unet, te, te2, tok, tok2, vae
+
+
 def text_encoder_for_conditioning(family: str, text_encoder):
     """The encoder a pipeline conditions on: SD2 drops the last of OpenCLIP's 24 layers (a view
     sharing the weights), SD1.5 uses all 12."""
