@@ -444,8 +444,8 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
         # the UNet's native size: 512 px for SD1.x, 768 for SD2.x-v, 64 for the toy-world model
         family, size = family or "diffusers", int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     elif os.path.isfile(model):
-        unet, te, tok, vae, pred, family = _load_single_file(model, tokenizer, prediction_type, log, notes)
-        alphas, size, second = None, 512, (None, None)
+        unet, te, tok, vae, pred, family, second = _load_single_file(model, tokenizer, prediction_type, log, notes)
+        alphas, size = None, 1024 if family == "sdxl" else 512
     elif model.lower().endswith(PICKLE_SUFFIXES):
         raise InputError("model", f"{model!r} does not exist (and pickle checkpoints are refused anyway: "
                                   "convert them to .safetensors)")
@@ -590,8 +590,8 @@ def _load_folder(folder: str, tokenizer: Optional[str], log):
 
 def _load_single_file(path: str, tokenizer: Optional[str], prediction_type, log, notes):
     from .clip_vocab import clip_tokenizer
-    from .single_file import (build_text_encoder, build_unet, build_vae, find_tokenizer_folder,
-                              inspect_checkpoint, load_tokenizer_folder)
+    from .single_file import (build_text_encoder, build_text_encoder_2, build_unet, build_vae,
+                              find_tokenizer_folder, inspect_checkpoint, load_tokenizer_folder)
 
     ck = inspect_checkpoint(path, prediction_type)
     tok_dir = tokenizer or find_tokenizer_folder(path)
@@ -607,13 +607,19 @@ def _load_single_file(path: str, tokenizer: Optional[str], prediction_type, log,
                                       "tokenizer folder (vocab.json + merges.txt) with --tokenizer")
     unet = build_unet(ck)
     te = build_text_encoder(ck, tok)
+    second = (None, None)
+    if ck.family == "sdxl":
+        # SDXL's second tokenizer is the same vocabulary padded with "!" (id 0) after the end token
+        tok2 = load_tokenizer_folder(tok_dir, "sd2") if tok_dir else clip_tokenizer("!")
+        second = (build_text_encoder_2(ck, tok2), tok2)
     vae = build_vae(ck)
-    note = f"{ck.family.upper()}.x checkpoint, {ck.prediction_type} prediction ({ck.prediction_note})"
+    name = "SDXL" if ck.family == "sdxl" else f"{ck.family.upper()}.x"
+    note = f"{name} checkpoint, {ck.prediction_type} prediction ({ck.prediction_note})"
     notes.append(note)
     if ck.family == "sd2" and not prediction_type:
         log(f"note: {note}")
     ck.state_dict.clear()
-    return unet, te, tok, vae, ck.prediction_type, ck.family
+    return unet, te, tok, vae, ck.prediction_type, ck.family, second
 
 
 def _check_vocab(te, tok):

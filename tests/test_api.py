@@ -255,13 +255,23 @@ def _keys_file(path, keys, shape=(4, 4)):
     return str(path)
 
 
-def test_sdxl_and_other_architectures_are_refused(tmp_path):
-    xl = _keys_file(tmp_path / "xl.safetensors", [
+def test_sdxl_single_file_loads(tmp_path):
+    from testmodels.ldm_layout import tiny_sdxl_checkpoint
+    path, (unet, te, te2, tok, tok2, vae) = tiny_sdxl_checkpoint(str(tmp_path))
+    pipe = api.load(path, log=quiet)
+    b = pipe.backend
+    assert b.sdxl and b.pad_2 == 0 and pipe.default_size == 1024
+    assert torch.equal(b.text_encoder_2.text_projection.weight, te2.text_projection.weight)
+    inv = pipe.invert(api.demo_scene(64), "a photo of a cat", steps=2, method="ddim")
+    assert inv.latents[0].shape[:2] == (1, 4) and torch.isfinite(inv.reconstruction).all()
+
+
+def test_sdxl_refiner_and_other_architectures_are_refused(tmp_path):
+    refiner = _keys_file(tmp_path / "refiner.safetensors", [
         "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight",
-        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-        "conditioner.embedders.1.model.token_embedding.weight", "first_stage_model.encoder.conv_in.weight"])
-    with pytest.raises(InputError, match="SDXL.*Stable Diffusion 1.x and 2.x"):
-        api.load(xl, log=quiet)
+        "conditioner.embedders.0.model.token_embedding.weight", "first_stage_model.encoder.conv_in.weight"])
+    with pytest.raises(InputError, match="refiner"):
+        api.load(refiner, log=quiet)
     flux = _keys_file(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.norm.key_norm.scale"])
     with pytest.raises(InputError, match="Flux.*Stable Diffusion 1.x and 2.x"):
         api.load(flux, log=quiet)
