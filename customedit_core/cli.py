@@ -94,8 +94,8 @@ class _Help(argparse.HelpFormatter):
 
 def _model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="diffusers-format folder (SD1.x, SD2.x or SDXL) or SD1.x/SD2.x .safetensors "
-                                   "checkpoint (default: the shipped toy-world model)")
+    g.add_argument("--model", help="diffusers-format folder or .safetensors checkpoint (SD1.x, SD2.x or SDXL "
+                                   "base) (default: the shipped toy-world model)")
     g.add_argument("--tokenizer", help="CLIP tokenizer folder (default: a diffusers folder's own tokenizer/; for a "
                                        "single file a 'tokenizer' folder next to it, else CLIP's vocabulary built in)")
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
