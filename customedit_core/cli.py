@@ -176,14 +176,19 @@ def _edit_args(p, title="Prompt-to-Prompt edit"):
     return g
 
 
-def _edit_parser(sub):
-    p = sub.add_parser("edit", help="invert an image and edit it; writes source | reconstruction | edit(s)",
-                       formatter_class=_Help)
+def _inverting_parser(sub, name: str, help: str, **inversion):
+    """A subcommand that inverts one image: model, image, inversion and sampling options."""
+    p = sub.add_parser(name, help=help, formatter_class=_Help)
     _model_args(p)
     g = p.add_argument_group("image and inversion")
     _image_args(g)
-    _inversion_args(g)
+    _inversion_args(g, **inversion)
     _sampling_args(g)
+    return p
+
+
+def _edit_parser(sub):
+    p = _inverting_parser(sub, "edit", "invert an image and edit it; writes source | reconstruction | edit(s)")
     _edit_args(p).add_argument("--target", action="append", metavar="PROMPT",
                                help=_target_help("edited prompt, repeat for several edits in one batch"))
     p.add_argument("--show-mask", action="store_true", help="append the local-blend mask(s) as panels")
@@ -191,13 +196,7 @@ def _edit_parser(sub):
 
 
 def _maps_parser(sub):
-    p = sub.add_parser("maps", help="per-word cross-attention maps of the source (or of an edit) as a PNG grid",
-                       formatter_class=_Help)
-    _model_args(p)
-    g = p.add_argument_group("image and inversion")
-    _image_args(g)
-    _inversion_args(g)
-    _sampling_args(g)
+    p = _inverting_parser(sub, "maps", "per-word cross-attention maps of the source (or of an edit) as a PNG grid")
     _edit_args(p, "Prompt-to-Prompt edit (with --target)").add_argument(
         "--target", action="append", metavar="PROMPT",
         help="draw the maps of this edited prompt's words (give it once; default: the source prompt's words, no edit)")
@@ -226,13 +225,8 @@ def _diffedit_parser(sub):
 
 
 def _specref_parser(sub):
-    p = sub.add_parser("specref", help="SpecRef: edit a region after a reference image; writes source | "
-                                       "reference | edit | M_t", formatter_class=_Help)
-    _model_args(p)
-    g = p.add_argument_group("image and inversion")
-    _image_args(g)
-    _inversion_args(g, method="direct")
-    _sampling_args(g)
+    p = _inverting_parser(sub, "specref", "SpecRef: edit a region after a reference image; writes source | "
+                                          "reference | edit | M_t", method="direct")
     g = p.add_argument_group("reference and edit")
     g.add_argument("--reference", help="reference image, resized to the source's size (default: the source image "
                                        "mirrored left to right)")

@@ -142,6 +142,7 @@ def test_concept_exports_reproduce_it_with_stock_lora_and_embedding(comfy, mods,
     from comfy.utils import load_torch_file
 
     C = mods.concept
+    pack = S.pack_module(comfy, "customedit_core.backends.sdxl_cond").pack
     with torch.inference_mode():
         model, clip = tiny_sdxl(embedding_directory=[str(tmp_path)])
         b = mods.cb.ComfyBackend(model, clip)
@@ -159,8 +160,7 @@ def test_concept_exports_reproduce_it_with_stock_lora_and_embedding(comfy, mods,
         stock_b = mods.cb.ComfyBackend(m3, clip)
         with mods.cb.core_context():
             eps_ours = ours_b.predict_eps(z0, 500, ours)
-            stock_ctx = torch.cat([cond.float(), torch.cat([extra["pooled_output"].float(),
-                                                            torch.zeros(1, L_WIDTH + G_WIDTH - POOLED)], 1)[:, None]], 1)
+            stock_ctx = pack(cond.float(), extra["pooled_output"].float())
             eps_stock = stock_b.predict_eps(z0, 500, stock_ctx)
     assert torch.allclose(ours[:, :77], cond.float(), atol=1e-5)
     assert torch.allclose(ours[0, -1, :POOLED], extra["pooled_output"][0].float(), atol=1e-5)
