@@ -198,14 +198,15 @@ def tiny_ldm_models(family: str = "sd1", vocab_size: int = 600, seed: int = 0, t
     return unet.eval(), te.eval(), vae.eval()
 
 
-def tiny_sdxl_ldm_models(tokenizer, tokenizer_2, seed: int = 0):
+def tiny_sdxl_ldm_models(tokenizer, tokenizer_2, seed: int = 0, time_dim: int = 8):
     """(unet, text_encoder, text_encoder_2, vae) of SDXL's structure, shaped so the single-file
     loader's rules rebuild them exactly. tiny_sdxl.tiny_sdxl_models is not used for this: its
     GroupNorm of 8 and heads of 32/16 channels are not in the weights, and a file cannot say them
     (the loader assumes LDM's 32 groups and SDXL's heads of 64 channels). Here: GroupNorm of 32,
     widths 64/64/128 with heads of 64 channels, no attention at the first level, 1 and 2 transformer
     blocks below it, linear projections, CLIP-L 64 wide (1 head) + CLIP-G 128 wide (2 heads) = context
-    192, a square CLIP-G projection (as SDXL's 1280 -> 1280) and 8-dim size/crop features (SDXL: 256)."""
+    192, a square CLIP-G projection (as SDXL's 1280 -> 1280) and `time_dim`-dim size/crop features
+    (SDXL: 256, which ComfyUI's SDXL model class assumes)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -225,7 +226,8 @@ def tiny_sdxl_ldm_models(tokenizer, tokenizer_2, seed: int = 0):
         transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=128 + 6 * 8,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=128 + 6 * time_dim,
     ).eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -238,11 +240,13 @@ def tiny_sdxl_ldm_models(tokenizer, tokenizer_2, seed: int = 0):
 
 def write_checkpoint(path: str, unet, text_encoder, vae, family: str = "sd1", dtype=torch.float32,
                      extra: dict | None = None, text_encoder_2=None) -> str:
-    """`family` "sd1" | "sd2" | "sdxl" (then `text_encoder_2` is CLIP-G, a CLIPTextModelWithProjection)."""
+    """`family` "sd1" | "sd2" | "sdxl" (then `text_encoder_2` is CLIP-G, a CLIPTextModelWithProjection);
+    `vae` None leaves the VAE to `extra` (a ComfyUI test file holds a TAESD there)."""
     from safetensors.torch import save_file
 
     sd = unet_to_ldm(unet)
-    sd.update(vae_to_ldm(vae))
+    if vae is not None:
+        sd.update(vae_to_ldm(vae))
     if family == "sdxl":
         if text_encoder_2 is None:
             raise ValueError("an SDXL checkpoint needs text_encoder_2 (CLIP-G)")

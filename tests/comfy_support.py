@@ -64,15 +64,35 @@ def tiny_checkpoint(root: Path) -> Path:
 
 
 REAL_SHAPES_NAMES = {"sd15": "customedit_sd15_shapes.safetensors", "sd2": "customedit_sd2_shapes.safetensors"}
+SDXL_CKPT_NAME = "customedit_tiny_sdxl.safetensors"
+TINY_SDXL_NODE = Path(__file__).resolve().parent / "comfy_tiny_sdxl_node"
+
+
+def tiny_sdxl_checkpoint(root: Path) -> Path:
+    """root/checkpoints/<SDXL_CKPT_NAME>, generated once per session by make_tiny_sdxl.py (ComfyUI loads
+    it as SDXL through the test-only entry that custom_nodes_dir links in)."""
+    out = root / "checkpoints" / SDXL_CKPT_NAME
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        tmp = out.with_suffix(".partial")
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "make_tiny_sdxl.py"),
+                        "--comfy", str(comfy_dir()), "--out", str(tmp)], check=True, env=env, timeout=300,
+                       capture_output=True)
+        tmp.rename(out)
+    return out
 
 
 def checkpoint(root: Path, shapes: str) -> str:
     """The checkpoint name (under root/checkpoints) of a model tier: "tiny" (the shared generator's
-    2-level SD1.x UNet), or "sd15" / "sd2" (random weights at those models' exact shapes, written by
-    testmodels.real_shapes in a subprocess, so this process never holds the diffusers copy)."""
+    2-level SD1.x UNet), "sdxl" (make_tiny_sdxl.py's tiny SDXL), or "sd15" / "sd2" (random weights at
+    those models' exact shapes, written by testmodels.real_shapes in a subprocess, so this process never
+    holds the diffusers copy)."""
     if shapes == "tiny":
         tiny_checkpoint(root)
         return CKPT_NAME
+    if shapes == "sdxl":
+        return tiny_sdxl_checkpoint(root).name
     out = root / "checkpoints" / REAL_SHAPES_NAMES[shapes]
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,12 +104,14 @@ def checkpoint(root: Path, shapes: str) -> str:
 
 
 def custom_nodes_dir(root: Path) -> Path:
-    """root/custom_nodes holding a link named `customedit` to this pack."""
+    """root/custom_nodes holding a link named `customedit` to this pack, and the test-only node that
+    makes the tiny SDXL checkpoint loadable (it matches only that file's widths)."""
     d = root / "custom_nodes"
     d.mkdir(parents=True, exist_ok=True)
-    link = d / "customedit"
-    if not link.exists():
-        link.symlink_to(PACK_DIR, target_is_directory=True)
+    for name, target in (("customedit", PACK_DIR), ("customedit_tiny_sdxl", TINY_SDXL_NODE)):
+        link = d / name
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
     return d
 
 

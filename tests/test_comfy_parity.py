@@ -2,14 +2,20 @@
 and by the pack's single-file loader (DiffusersBackend), gives the same text embeddings, noise
 prediction, inversion trajectories and edit latents, within the host's precision.
 
-Tiers: "tiny" (the shared generator's 2-level SD1.x UNet with CLIP-L) always runs with COMFYUI_DIR;
-"sd15" and "sd2" (random weights at SD1.5's and SD2.x-768-v's exact shapes, 2 GB files generated at
-test time) are the real-shapes tier (`CUSTOMEDIT_REAL_SHAPES=1` or `-m realshapes`).
+Tiers: "tiny" (the shared generator's 2-level SD1.x UNet with CLIP-L) and "sdxl" (make_tiny_sdxl.py:
+SDXL's structure at test widths, CLIP-L + CLIP-G, the pooled vector and size conditioning in y) always
+run with COMFYUI_DIR; "sd15" and "sd2" (random weights at SD1.5's and SD2.x-768-v's exact shapes, 2 GB
+files generated at test time) are the real-shapes tier (`CUSTOMEDIT_REAL_SHAPES=1` or `-m realshapes`).
+ComfyUI's loader knows SDXL only at SDXL's exact widths (gigabytes, and CLIP-G of 32 layers x 1280), so
+the "sdxl" file loads through one test-only supported-model entry (tests/comfy_tiny_sdxl_node); the rest
+of the loading, the model class and its encode_adm are ComfyUI's own.
 
 The checkpoints hold fp16 weights, so both loaders start from the same values; on the CPU both compute
 in fp32 (ComfyUI upcasts its fp16 text encoder), and everything agrees to float error: measured
 RMS-relative differences are 5e-7 (text), 2e-6 (noise prediction) and 4e-6 / 2e-5 (P2P edits,
-SD1.5 / tiny), well inside the tolerances below (on a GPU in fp16 expect about 1e-3).
+SD1.5 / tiny); on the tiny SDXL 4e-7 (text and pooled vector), 5e-6 (noise prediction, also at
+CLIPTextEncodeSDXL-style sizes) and 1.3e-6 (P2P edits): well inside the tolerances below (on a GPU in
+fp16 expect about 1e-3).
 
   COMFYUI_DIR=/tmp/comfyui OMP_NUM_THREADS=2 /tmp/comfy-venv/bin/python -m pytest tests/test_comfy_parity.py
 """
@@ -26,7 +32,7 @@ STEPS = 4
 SOURCE = "a photo of a cat sitting on the grass"
 TARGET = "a photo of a striped cat sitting on the grass"
 PROMPTS = (SOURCE, "", "a watercolor painting of a red house by the lake, golden hour")
-TIERS = [pytest.param("tiny", id="tiny"),
+TIERS = [pytest.param("tiny", id="tiny"), pytest.param("sdxl", id="sdxl"),
          pytest.param("sd15", id="sd15", marks=pytest.mark.realshapes),
          pytest.param("sd2", id="sd2", marks=pytest.mark.realshapes)]
 # relative tolerances (RMS of the difference / RMS of the reference), 30-50x what was measured
@@ -65,16 +71,23 @@ def pair(request, comfy, root):
 
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-    sd = load_file(path)               # (sf.read refuses the tiny tier's TAESD-only file)
-    family = "sd2" if any(k.startswith(sf.SD2_TEXT) for k in sd) else "sd1"
+    sd = load_file(path)               # (sf.read refuses the tiny tiers' TAESD-only files)
+    family = ("sdxl" if any(k.startswith(sf.SGM) for k in sd) else
+              "sd2" if any(k.startswith(sf.SD2_TEXT) for k in sd) else "sd1")
     pred, note = sf.prediction_type(sd, meta, family)
-    ck = sf.Checkpoint(path, family, sf.unet_config(sd, family), sf.text_config(sd, family), {}, pred, note, sd, meta)
+    ck = sf.Checkpoint(path, family, sf.unet_config(sd, family), sf.text_config(sd, family), {}, pred, note, sd, meta,
+                       sf.text_config_2(sd, family))
     tok = vocab.clip_tokenizer("!" if family == "sd2" else "<|endoftext|>")
     unet, te = sf.build_unet(ck).requires_grad_(False), sf.build_text_encoder(ck, tok).requires_grad_(False)
+    second = {}
+    if family == "sdxl":                # CLIP-G's tokenizer: the same vocabulary, padded with "!"
+        tok2 = vocab.clip_tokenizer("!")
+        second = {"text_encoder_2": sf.build_text_encoder_2(ck, tok2).requires_grad_(False), "tokenizer_2": tok2}
     sd.clear()
-    diff_b = db.DiffusersBackend(unet, te, tok, prediction_type=pred)
+    diff_b = db.DiffusersBackend(unet, te, tok, prediction_type=pred, **second)
+    assert comfy_b.sdxl == (family == "sdxl")
     mods = {k: S.pack_module(comfy, f"customedit_core.{k}") for k in ("tokens", "inversion", "edit")}
-    mods["cb"] = cb
+    mods["cb"], mods["sdxl_cond"] = cb, S.pack_module(comfy, "customedit_core.backends.sdxl_cond")
     yield tier, comfy_b, diff_b, mods
     diff_b.close()
     del comfy_b, diff_b, unet, te, model, clip
@@ -95,6 +108,10 @@ def test_tokens_and_text_embeddings_agree(pair):
             ec, ed = c.encode([tc]), d.encode([td])
         assert ec.shape == ed.shape
         assert report(tier, f"text {prompt[:20]!r}", rel(ec, ed)) < TEXT_TOL, (tier, prompt)
+        if c.sdxl:                      # the pooled CLIP-G row (it makes y) on its own, and both streams
+            assert report(tier, "pooled", rel(ec[:, -1], ed[:, -1])) < TEXT_TOL, prompt
+            wl = c.text_widths[0]
+            assert rel(ec[:, :77, :wl], ed[:, :77, :wl]) < TEXT_TOL and rel(ec[:, :77, wl:], ed[:, :77, wl:]) < TEXT_TOL
 
 
 def test_noise_prediction_agrees(pair):
@@ -129,3 +146,23 @@ def test_inversion_and_edit_agree(pair, method):
     assert rel(rc.source, rd.source) < WALK_TOL, (tier, method, "source branch")
     # the edit changed something (otherwise agreement would say nothing)
     assert rel(rd.edited, rd.source) > 10 * rel(rc.edited, rd.edited)
+
+
+def test_sdxl_size_conditioning_agrees(pair):
+    """CLIPTextEncodeSDXL-style sizes (original, crop, target) reach y alike in both backends, and
+    they matter (y is not left at the default size)."""
+    tier, c, d, m = pair
+    if not c.sdxl:
+        pytest.skip("SDXL only")
+    sizes = m["sdxl_cond"].SizeConditioning(original=(1024, 768), crop=(16, 32), target=(896, 1152))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with m["cb"].core_context():
+        ctx = d.encode([m["tokens"].tokenize(d.tokenizer, SOURCE)])
+        plain = d.predict_eps(z, 501, ctx)
+        try:
+            c.size = d.size = sizes
+            ec, ed = c.predict_eps(z, 501, ctx), d.predict_eps(z, 501, ctx)
+        finally:
+            c.size = d.size = m["sdxl_cond"].SizeConditioning()
+    assert report(tier, "eps at CLIPTextEncodeSDXL sizes", rel(ec, ed)) < EPS_TOL
+    assert rel(ed, plain) > 100 * rel(ec, ed)
