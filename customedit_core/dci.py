@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .attention import AttentionHook, Controller, Site
 from .ddim import Schedule
 from .errors import InputError, require_finite
-from .inversion import Inversion
+from .inversion import Inversion, at_inversion_size
 from .sampling import denoise
 from .tokens import PromptTokens, tokenize
 
@@ -178,6 +178,7 @@ def integrated_steps(fraction: float, steps: int) -> int:
     return int(round(fraction * steps))
 
 
+@at_inversion_size
 def dci_sample(backend, prompt: str, concepts: Mapping[str, str], *, noise: Optional[torch.Tensor] = None,
                inversion: Optional[Inversion] = None, auxiliary_prompt: str = "",
                concept_words: Sequence[str] = (), settings: Optional[DCISettings] = None,

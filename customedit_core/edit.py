@@ -14,7 +14,7 @@ from . import align
 from .attention import AttentionHook
 from .ddim import Schedule
 from .errors import InputError
-from .inversion import Inversion
+from .inversion import Inversion, at_inversion_size
 from .p2p import AttentionStore, LocalBlend, RefineCross, ReplaceCross, ReplaceSelf, Reweight
 from .sampling import denoise
 from .tokens import PromptTokens, tokenize
@@ -119,6 +119,7 @@ def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list
     return AttentionHook(controllers), store, blend
 
 
+@at_inversion_size
 def p2p_edit(backend, inv: Inversion, target_prompts, settings: Optional[P2PSettings] = None,
              steps: Optional[int] = None) -> EditResult:
     settings = settings or P2PSettings()

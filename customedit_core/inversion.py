@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -41,6 +43,7 @@ class Inversion:
     fingerprint: str
     reconstruction: Optional[torch.Tensor] = None
     inner_steps_used: list = field(default_factory=list)
+    size: Optional[object] = None   # SDXL: the backend's SizeConditioning it was inverted under (its y)
 
     @property
     def source(self) -> torch.Tensor:
@@ -57,6 +60,20 @@ class Inversion:
         if steps is not None and steps != self.steps:
             raise InputError("steps", f"the inversion was made with {self.steps} steps but {steps} were "
                                       "asked for; use the same step count or invert again")
+
+    @contextmanager
+    def conditioned(self, backend):
+        """While an editor walks this record: the backend's SDXL size conditioning set to the one the
+        image was inverted under. The inverted path and null-text's embeddings belong to that y;
+        another size would pull the walk off them (undoing the reconstruction)."""
+        if self.size is None or not hasattr(backend, "size"):
+            yield
+            return
+        before, backend.size = backend.size, self.size
+        try:
+            yield
+        finally:
+            backend.size = before
 
     def walk(self, device, rows: int):
         """What `denoise` needs to walk this record down with `rows` prompts: the per-step
@@ -109,6 +126,16 @@ def ddim_trajectory(backend, z0, cond, schedule: Schedule, count: Optional[int] 
     return latents
 
 
+def at_inversion_size(editor):
+    """Run editor(backend, ...) under the conditioned() of the Inversion among its arguments."""
+    @functools.wraps(editor)
+    def run(backend, *args, **kwargs):
+        inv = next((a for a in (*args, *kwargs.values()) if isinstance(a, Inversion)), None)
+        with inv.conditioned(backend) if inv is not None else nullcontext():
+            return editor(backend, *args, **kwargs)
+    return run
+
+
 def invert(backend, latent: torch.Tensor, prompt: str, steps: int = 50, guidance: float = 7.5,
            method: str = "null_text", inner_steps: int = 10, early_stop: float = 1e-5,
            with_reconstruction: bool = True) -> Inversion:
@@ -139,7 +166,7 @@ def invert(backend, latent: torch.Tensor, prompt: str, steps: int = 50, guidance
     with backend.offload():
         latents = ddim_trajectory(backend, z0, cond, schedule, tick=tick)
         inv = Inversion(method, prompt, tokens, steps, float(guidance), latents, [null] * steps,
-                        backend.fingerprint())
+                        backend.fingerprint(), size=getattr(backend, "size", None))
         if method == "null_text":
             _optimise_null_text(backend, inv, schedule, cond, null, inner_steps, early_stop, tick)
         elif method == "direct":

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from .attention import AttentionHook
 from .ddim import Schedule
 from .edit import P2PSettings, p2p_edit
-from .inversion import Inversion
+from .inversion import Inversion, at_inversion_size
 from .p2p import AttentionStore
 from .sampling import denoise
 
 
+@at_inversion_size
 def record_source_maps(backend, inv: Inversion) -> AttentionStore:
     """Reconstruct the source with an AttentionStore attached (no edit)."""
     inv.check(backend)

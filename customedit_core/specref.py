@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .attention import AttentionHook, Controller, Site
 from .ddim import Schedule
 from .errors import InputError
-from .inversion import Inversion, check_latent, ddim_trajectory
+from .inversion import Inversion, at_inversion_size, check_latent, ddim_trajectory
 from .masks import check_grid_mask, resize
 from .p2p import AttentionStore
 from .sampling import denoise
@@ -274,6 +274,7 @@ class SpecRefResult:
     store: AttentionStore
 
 
+@at_inversion_size
 def specref_edit(backend, inv: Inversion, bank: ReferenceBank, target_prompt: str,
                  edited_words: Sequence[str] = (), level_start: int = 0, level_end: int = 1,
                  step_start: float = 0.08, step_end: float = 1.0, threshold: float = 0.3,

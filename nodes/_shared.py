@@ -11,10 +11,59 @@ from ..customedit_core.word_lists import parse_words
 
 Inversion = io.Custom("CE_INVERSION")
 CATEGORY = "customedit"
-MODEL_TIP = "A Stable Diffusion 1.x/2.x model (e.g. from Load Checkpoint); it is not changed."
+MODEL_TIP = "A Stable Diffusion 1.x/2.x or SDXL base model (e.g. from Load Checkpoint); it is not changed."
 CLIP_TIP = "The text encoder of the same checkpoint."
 # what of an input LATENT besides its samples an output of the same images keeps (KSampler does too)
 HOST_KEYS = ("noise_mask", "batch_index")
+
+
+SDXL_SIZE_TIP = ("SDXL only, optional: a CLIP Text Encode (SDXL) output whose width/height, crop and target "
+                 "size the model is conditioned on (only those: the prompts are this node's). Unconnected: the "
+                 "image's own size, as KSampler gives with CLIP Text Encode.")
+SDXL_SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
+def sdxl_size_input():
+    return io.Conditioning.Input("sdxl_size", optional=True, tooltip=SDXL_SIZE_TIP)
+
+
+def sdxl_size_of(conditioning, input_name: str = "sdxl_size"):
+    """The SizeConditioning that CLIPTextEncodeSDXL put into a CONDITIONING ([[tensor, {...}], ...]);
+    every entry that has sizes must have the same ones (which would the model get otherwise?)."""
+    from ..customedit_core.backends.sdxl_cond import SizeConditioning
+
+    if not isinstance(conditioning, (list, tuple)) or not all(
+            isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[1], dict) for c in conditioning):
+        raise InputError(input_name, "expected a CONDITIONING, e.g. from CLIP Text Encode (SDXL)")
+    found = set()
+    for _, extra in conditioning:
+        if "width" in extra or "height" in extra:
+            found.add(tuple(extra.get(k) for k in SDXL_SIZE_KEYS))
+    if not found:
+        raise InputError(input_name, "has no SDXL size (width/height); connect the output of CLIP Text Encode "
+                                     "(SDXL), or leave it unconnected for the image's own size")
+    if len(found) > 1:
+        raise InputError(input_name, f"holds {len(found)} different SDXL sizes; connect one CLIP Text Encode (SDXL)")
+    w, h, cw, ch, tw, th = found.pop()
+    values = {"width": w, "height": h, "crop_w": cw or 0, "crop_h": ch or 0,
+              "target_width": w if tw is None else tw, "target_height": h if th is None else th}
+    for k, v in values.items():
+        low = 0 if k.startswith("crop") else 1
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not low <= v <= 16384 or v != int(v):
+            raise InputError(input_name, f"has {k} = {v!r}; expected a whole number of pixels in {low}..16384")
+    return SizeConditioning(original=(int(values["height"]), int(values["width"])),
+                            crop=(int(values["crop_h"]), int(values["crop_w"])),
+                            target=(int(values["target_height"]), int(values["target_width"])))
+
+
+def use_sdxl_size(backend, conditioning, input_name: str = "sdxl_size") -> None:
+    """Condition the backend's SDXL calls on the connected size (nothing when unconnected)."""
+    if conditioning is None:
+        return
+    if not getattr(backend, "sdxl", False):
+        raise InputError(input_name, "is for SDXL models only (size conditioning); this model is SD1.x/SD2.x, "
+                                     "leave it unconnected")
+    backend.size = sdxl_size_of(conditioning, input_name)
 
 
 def need_prompt(text, input_name: str, hint: str) -> None:

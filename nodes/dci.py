@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io, ui
 
 from ._checked import CheckedNode
-from ._shared import Inversion, CATEGORY, need_prompt, words_in_prompt, latent_samples, latent_out, inversion_latent_out, check_inversion
+from ._shared import Inversion, CATEGORY, sdxl_size_input, use_sdxl_size, need_prompt, words_in_prompt, latent_samples, latent_out, inversion_latent_out, check_inversion
 from ..customedit_core.word_lists import parse_words
 
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
@@ -61,6 +61,7 @@ class DCISample(CheckedNode):
                                 tooltip="Edit an inverted image instead (null-text or negative-prompt inversion)."),
                 io.String.Input("negative_prompt", multiline=True, default="", optional=True,
                                 tooltip="Negative prompt (not with an inversion, which brings its own)."),
+                sdxl_size_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="samples", tooltip="The sampled latent(s), for VAE Decode."),
@@ -77,13 +78,16 @@ class DCISample(CheckedNode):
         if "latent_image" in values and "inversion" in values:        # both connected (unconnected: absent)
             raise InputError("latent_image", "connect either a latent (for the size, e.g. Empty Latent Image) or an "
                                              "inversion, not both")
+        if "inversion" in values and "sdxl_size" in values:
+            raise InputError("sdxl_size", "an inversion brings the size it was inverted under; leave sdxl_size "
+                                          "unconnected when editing from an inversion (connect it to Invert Image)")
         if "inversion" in values and isinstance(negative_prompt, str) and negative_prompt.strip():
             raise InputError("negative_prompt", "an inversion brings its own unconditional embeddings; leave the "
                                                 "negative prompt empty when editing from an inversion")
 
     @classmethod
     def execute(cls, model, clip, prompt, auxiliary_prompt, concept_words, integrate_fraction, balance, steps,
-                guidance, seed, latent_image=None, inversion=None, negative_prompt="") -> io.NodeOutput:
+                guidance, seed, latent_image=None, inversion=None, negative_prompt="", sdxl_size=None) -> io.NodeOutput:
         import comfy.sample
 
         words = parse_words(concept_words or "", "concept_words")
@@ -95,6 +99,7 @@ class DCISample(CheckedNode):
             raise InputError("latent_image", "connect either a latent (for the size, e.g. Empty Latent Image) or an "
                                              "inversion, not both")
         backend = ComfyBackend(model, clip)
+        use_sdxl_size(backend, sdxl_size)
         noise = None
         if inversion is not None:
             check_inversion(inversion)

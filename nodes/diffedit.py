@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ._checked import CheckedNode
-from ._shared import CATEGORY, MODEL_TIP, CLIP_TIP, need_prompt, latent_samples, latent_out
+from ._shared import CATEGORY, MODEL_TIP, CLIP_TIP, sdxl_size_input, use_sdxl_size, need_prompt, latent_samples, latent_out
 
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
 from ..customedit_core.diffedit import diffedit_mask, diffedit_sample
@@ -40,6 +40,7 @@ class DiffEditMask(CheckedNode):
                 io.Float.Input("threshold", default=0.5, min=0.01, max=0.99, step=0.01,
                                tooltip="On the difference clamped at 3x its mean and divided by that."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 63 - 1, tooltip="Seed of the noise samples."),
+                sdxl_size_input(),
             ],
             outputs=[io.Mask.Output(display_name="mask", tooltip="Where the edit should happen (white), at the "
                                                                  "image's size; for DiffEdit Sample or SpecRef Edit.")],
@@ -56,8 +57,9 @@ class DiffEditMask(CheckedNode):
 
     @classmethod
     def execute(cls, model, clip, latent, source_prompt, target_prompt, samples, strength, threshold,
-                seed) -> io.NodeOutput:
+                seed, sdxl_size=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip)
+        use_sdxl_size(backend, sdxl_size)
         z_in = latent_samples(backend, latent)
         check_work_size("diffedit_mask", z_in.shape[2:], 1, vae_scale=backend.vae_scale, samples=samples)
         with core_context():
@@ -94,6 +96,7 @@ class DiffEditSample(CheckedNode):
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="DDIM steps of the whole schedule."),
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale of the decoding with the target prompt."),
+                sdxl_size_input(),
             ],
             outputs=[io.Latent.Output(display_name="edited", tooltip="The edited image's latent (outside the mask: "
                                                                      "the input), for VAE Decode.")],
@@ -104,8 +107,10 @@ class DiffEditSample(CheckedNode):
         need_prompt(target_prompt, "target_prompt", "describe the edited image, e.g. 'a basket of fruits'")
 
     @classmethod
-    def execute(cls, model, clip, latent, mask, target_prompt, encoding_ratio, steps, guidance) -> io.NodeOutput:
+    def execute(cls, model, clip, latent, mask, target_prompt, encoding_ratio, steps, guidance,
+                sdxl_size=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip)
+        use_sdxl_size(backend, sdxl_size)
         z_in = latent_samples(backend, latent)
         check_work_size("diffedit_sample", z_in.shape[2:], steps, vae_scale=backend.vae_scale,
                         encoding_ratio=encoding_ratio)

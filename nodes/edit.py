@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ._checked import CheckedNode
-from ._shared import Inversion, CATEGORY, MODEL_TIP, CLIP_TIP, need_prompt, words_in_prompt, renamed, latent_samples, host_keys, latent_out, inversion_latent_out, check_inversion
+from ._shared import Inversion, CATEGORY, MODEL_TIP, CLIP_TIP, sdxl_size_input, use_sdxl_size, need_prompt, words_in_prompt, renamed, latent_samples, host_keys, latent_out, inversion_latent_out, check_inversion
 from ..customedit_core.word_lists import parse_words, parse_reweight
 
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
@@ -38,6 +38,7 @@ class NullTextInvert(CheckedNode):
                                        "source prompt as negative; direct: exact source branch; ddim: plain."),
                 io.Int.Input("inner_steps", default=10, min=1, max=100,
                              tooltip="Null-text optimisation steps per timestep."),
+                sdxl_size_input(),
             ],
             outputs=[
                 Inversion.Output(display_name="inversion",
@@ -54,8 +55,10 @@ class NullTextInvert(CheckedNode):
         need_prompt(source_prompt, "source_prompt", "describe the image as it is, e.g. 'a photo of a cat'")
 
     @classmethod
-    def execute(cls, model, clip, latent, source_prompt, steps, guidance, method, inner_steps) -> io.NodeOutput:
+    def execute(cls, model, clip, latent, source_prompt, steps, guidance, method, inner_steps,
+                sdxl_size=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip)
+        use_sdxl_size(backend, sdxl_size)           # the inversion keeps it for the edits of this image
         samples = latent_samples(backend, latent)
         check_work_size(f"invert_{method}", samples.shape[2:], steps, vae_scale=backend.vae_scale,
                         inner_steps=inner_steps)

@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io, ui
 
 from ._checked import CheckedNode
-from ._shared import Inversion, CATEGORY, CLIP_TIP, need_prompt, words_in_prompt, renamed, latent_samples, inversion_latent_out, check_inversion
+from ._shared import Inversion, CATEGORY, CLIP_TIP, sdxl_size_input, use_sdxl_size, need_prompt, words_in_prompt, renamed, latent_samples, inversion_latent_out, check_inversion
 from ..customedit_core.word_lists import parse_words
 
 from ..customedit_core.backends.comfy import ComfyBackend, core_context
@@ -68,6 +68,7 @@ class ReferenceKVExtract(CheckedNode):
                 *_levels(),
                 io.Mask.Input("mask", optional=True,
                               tooltip="M_s: the reference object (1) to take; unconnected: the whole reference."),
+                sdxl_size_input(),
             ],
             outputs=[
                 ReferenceKV.Output(display_name="reference_kv",
@@ -83,10 +84,11 @@ class ReferenceKVExtract(CheckedNode):
 
     @classmethod
     def execute(cls, model, clip, reference, reference_prompt, steps, level_start, level_end, step_start, step_end,
-                mask=None) -> io.NodeOutput:
+                mask=None, sdxl_size=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
         backend = ComfyBackend(model, clip)
+        use_sdxl_size(backend, sdxl_size)
         samples = latent_samples(backend, reference, "reference")
         check_work_size("specref_extract", samples.shape[2:], steps, input_name="reference",
                         vae_scale=backend.vae_scale)

@@ -165,3 +165,69 @@ def test_concept_exports_reproduce_it_with_stock_lora_and_embedding(comfy, mods,
     assert torch.allclose(ours[:, :77], cond.float(), atol=1e-5)
     assert torch.allclose(ours[0, -1, :POOLED], extra["pooled_output"][0].float(), atol=1e-5)
     assert torch.allclose(eps_ours, eps_stock, atol=1e-5)
+
+
+SIZES = dict(width=1024, height=768, crop_w=16, crop_h=32, target_width=896, target_height=1152)
+
+
+def _recording(model):
+    """A clone of the model that records the y of every call."""
+    seen = []
+    m = model.clone()
+    m.set_model_unet_function_wrapper(lambda f, a: seen.append(a["c"]["y"]) or f(a["input"], a["timestep"], **a["c"]))
+    return m, seen
+
+
+def test_clip_text_encode_sdxl_sizes_reach_the_inversion_and_its_edit(comfy, xl, mods):
+    """Invert Image's sdxl_size (CLIPTextEncodeSDXL's output): every call of the inversion and of the
+    edit made from it (which has no such input) gets y at those sizes; unconnected: the latent's."""
+    model, clip = xl
+    m, seen = _recording(model)
+    cond = S.run_node(comfy, "CLIPTextEncodeSDXL", clip=clip, text_g="ignored", text_l="ignored", **SIZES)[0]
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))}
+    run = dict(model=m, clip=clip, latent=latent, source_prompt=SOURCE, steps=3, guidance=7.5, method="ddim",
+               inner_steps=1)
+    inv, _ = S.run_node(comfy, "CustomEditNullTextInvert", sdxl_size=cond, **run)
+    n_inv = len(seen)
+    S.run_node(comfy, "CustomEditP2PEdit", model=m, clip=clip, inversion=inv, target_prompt=SOURCE + " today",
+               mode="refine", cross_replace=0.8, self_replace=0.5)
+    with torch.inference_mode():
+        b = mods.cb.ComfyBackend(model, clip)
+        pooled = b.encode([mods.tokens.tokenize(b.tokenizer, SOURCE)])[:, -1, :POOLED]
+        want = model.model.encode_adm(pooled_output=pooled, **SIZES)
+        plain = model.model.encode_adm(pooled_output=pooled, width=128, height=128)
+    assert n_inv and len(seen) > n_inv
+    for y in seen:       # the size/crop part of y (after the pooled vector) is the same for every prompt row
+        assert torch.allclose(y[:, POOLED:].float(), want[:, POOLED:].float().expand(y.shape[0], -1))
+    assert not torch.allclose(want[:, POOLED:], plain[:, POOLED:])
+    seen.clear()
+    S.run_node(comfy, "CustomEditNullTextInvert", **run)
+    assert all(torch.allclose(y[:, POOLED:].float(), plain[:, POOLED:].float().expand(y.shape[0], -1)) for y in seen)
+
+
+def test_sdxl_size_is_parsed_as_clip_text_encode_sdxl_writes_it(comfy, xl):
+    model, clip = xl
+    shared = S.pack_module(comfy, "nodes._shared")
+    cond = S.run_node(comfy, "CLIPTextEncodeSDXL", clip=clip, text_g="a", text_l="a", **SIZES)[0]
+    size = shared.sdxl_size_of(cond)
+    assert size.time_ids(64, 64) == (768, 1024, 32, 16, 1152, 896)
+    plain = comfy.CLIPTextEncode().encode(clip, "a cat")[0]
+    S.expect_input_error("sdxl_size", shared.sdxl_size_of, plain)
+    S.expect_input_error("sdxl_size", shared.sdxl_size_of, "1024x1024")
+    two = cond + [[cond[0][0], {**cond[0][1], "width": 512}]]
+    S.expect_input_error("sdxl_size", shared.sdxl_size_of, two)
+    bad = [[cond[0][0], {**cond[0][1], "crop_w": float("nan")}]]
+    S.expect_input_error("sdxl_size", shared.sdxl_size_of, bad)
+
+
+def test_sdxl_size_on_an_sd1_model_and_with_an_inversion_is_refused(comfy, xl):
+    model, clip = xl
+    cond = S.run_node(comfy, "CLIPTextEncodeSDXL", clip=clip, text_g="a", text_l="a", **SIZES)[0]
+    sd1_model, sd1_clip, _ = comfy.CheckpointLoaderSimple().load_checkpoint(S.CKPT_NAME)[:3]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    msg = S.expect_input_error("sdxl_size", S.run_node, comfy, "CustomEditDiffEditMask", model=sd1_model,
+                               clip=sd1_clip, latent=latent, source_prompt="a cat", target_prompt="a dog", samples=1,
+                               strength=0.5, threshold=0.5, seed=0, sdxl_size=cond)
+    assert "SDXL models only" in msg
+    dci = comfy.NODE_CLASS_MAPPINGS["CustomEditDCISample"]
+    assert "sdxl_size" in dci.validate_inputs(prompt="a photo of a cat", inversion=None, sdxl_size=None)

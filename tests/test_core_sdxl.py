@@ -72,6 +72,23 @@ def test_size_conditioning_reaches_the_model(xl, z0):
     assert (plain - sized).abs().max() > 1e-5 and torch.equal(plain, again)
 
 
+def test_edits_walk_at_the_size_the_image_was_inverted_under(xl, z0):
+    """An inversion keeps the backend's size conditioning; an edit of it runs at that size whatever the
+    backend's is now (a null-text walk at another y leaves the inverted path), then restores the backend's."""
+    sized = SizeConditioning(original=(1024, 768), crop=(8, 0))
+    try:
+        xl.size = sized
+        inv = invert(xl, z0, SRC, steps=4, guidance=7.5, method="null_text", inner_steps=3)
+    finally:
+        xl.size = SizeConditioning()
+    assert inv.size == sized
+    same = p2p_edit(xl, inv, SRC)
+    assert xl.size == SizeConditioning()
+    assert (same.edited[0] - inv.reconstruction[0]).abs().max() < 1e-5      # walked at the inversion's size
+    inv.size = SizeConditioning()                                           # (what ignoring it would do)
+    assert (p2p_edit(xl, inv, SRC).edited[0] - inv.reconstruction[0]).abs().max() > 1e-4
+
+
 def test_pooled_vector_reaches_the_model(xl, z0):
     ctx = xl.encode([tokenize(xl.tokenizer, SRC)])
     other = ctx.clone()
