@@ -16,6 +16,7 @@ reference and the result; the pictures are upscaled (nearest) into the browser's
 (object-contain); attention_maps shows the source and its colour, shape and background
 words' maps, concept_train its three reference pictures and a plain sample of the learned concept.
 The toy model is small: these are its real results, not SD's (see the README's quality numbers).
+The SDXL twins (*_sdxl) run the same method, so they show the same picture: no SDXL model ships either.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ WORKFLOWS = os.path.join(ROOT, "workflows")
 SIDE = 256
 CONCEPT = dict(shape="circle", color="yellow", pattern="ringed")
 DCI_SEED = 1                      # the concept's samples (concept_train's fourth cell, dci_sample)
-CONCEPT_WORKFLOWS = ("concept_train", "custom_edit", "custom_edit_sdedit", "dci_sample")
+CONCEPT_WORKFLOWS = ("concept_train", "custom_edit", "custom_edit_sdedit", "custom_edit_sdxl", "dci_sample")
 
 
 def upscale(img, side=SIDE):
@@ -90,6 +91,9 @@ class Thumbnails:
     def p2p_edit(self):
         res, _, _ = self.bench.p2p("demo", self.img, self.src, self.target, "null_text", "replace", (self.shape,))
         return before_after(self.img, res)
+
+    def p2p_edit_sdxl(self):
+        return self.p2p_edit()
 
     def attention_maps(self):
         inv, _ = self.bench.invert("demo", self.img, self.src, "null_text")
@@ -143,6 +147,9 @@ class Thumbnails:
         out, _, _ = B.Bench(cp, self.steps, log=self.log).p2p("demo", self.img, self.src, self._concept_prompt(),
                                                               "null_text", "refine", (self.shape,), source_only=True)
         return before_after(self.img, out)
+
+    def custom_edit_sdxl(self):
+        return self.custom_edit()
 
     def custom_edit_sdedit(self):
         _, cp = self.concept()

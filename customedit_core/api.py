@@ -37,7 +37,7 @@ from .single_file import PICKLE_SUFFIXES, SUPPORTED, refuse_pickle
 TOYWORLD_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toyworld", "weights")
 TOYWORLD_NOTICE = ("notice: no model given, so the shipped toy-world model is used (a small model trained on "
                    "procedural scenes: '<colour> [<pattern>] <shape> on <background>', 64 px). Pass a "
-                   "diffusers-format folder or an SD1.x/SD2.x .safetensors checkpoint for real photographs.")
+                   "diffusers-format folder or an SD1.x/SD2.x/SDXL .safetensors checkpoint for real photographs.")
 
 
 def _stderr(msg: str) -> None:
@@ -417,7 +417,7 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
     """Load a model for editing, fully offline.
 
     model: a diffusers-format folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/), a single
-    SD1.x/SD2.x `.safetensors` checkpoint in the original LDM layout, None for the shipped toy-world
+    SD1.x/SD2.x/SDXL-base `.safetensors` checkpoint in the original (LDM/SGM) layout, None for the shipped toy-world
     model (toyworld/weights, trained on procedural scenes). device: default CUDA when available. dtype: of
     the UNet and text encoder, default float16 on CUDA and float32 on the CPU (the VAE always runs in float32).
     tokenizer: a CLIP tokenizer folder, overriding the one found with the model.
@@ -434,7 +434,7 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
     if model is None:
         if not os.path.isfile(os.path.join(TOYWORLD_FOLDER, "model_index.json")):
             raise InputError("model", f"no model given and the toy-world model is not at {TOYWORLD_FOLDER!r}; "
-                                      "give a diffusers-format folder or a .safetensors SD1.x/SD2.x checkpoint")
+                                      "give a diffusers-format folder or a .safetensors SD1.x/SD2.x/SDXL checkpoint")
         log(TOYWORLD_NOTICE)
         model, family = TOYWORLD_FOLDER, "toyworld"
     model = os.fspath(model)
@@ -451,7 +451,7 @@ def load(model: Optional[str] = None, device=None, dtype: Optional[torch.dtype] 
                                   "convert them to .safetensors)")
     else:
         raise InputError("model", f"{model!r} does not exist; expected a diffusers-format folder or a "
-                                  ".safetensors SD1.x/SD2.x checkpoint (models are never downloaded)")
+                                  ".safetensors SD1.x/SD2.x/SDXL checkpoint (models are never downloaded)")
     pipe = from_models(unet, te, tok, vae, device=dev, dtype=dtype, alphas_cumprod=alphas, prediction_type=pred,
                        source=model, family=family, notes=notes, log=log, default_size=size,
                        text_encoder_2=second[0], tokenizer_2=second[1])
@@ -520,7 +520,8 @@ def _has_weights(folder: str, name: str) -> Optional[str]:
     path = os.path.join(folder, name)
     if not os.path.isdir(path):
         raise InputError("model", f"{folder!r} has no {name}/ folder; a diffusers-format SD1.x/SD2.x folder "
-                                  "needs unet/, text_encoder/, tokenizer/ and vae/ (scheduler/ optional)")
+                                  "needs unet/, text_encoder/, tokenizer/ and vae/ (scheduler/ optional; "
+                                  "SDXL also text_encoder_2/ and tokenizer_2/)")
     if name.startswith("tokenizer"):
         return path
     files = os.listdir(path)

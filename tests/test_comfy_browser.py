@@ -1,5 +1,6 @@
 """Every UI workflow (workflows/*.json) in ComfyUI's own graph editor, in headless Chromium: the page
-of a real server on 127.0.0.1 (test_comfy_server.py's fixture, the tiny checkpoint) loads the graph
+of a real server on 127.0.0.1 (test_comfy_server.py's fixture, the tiny checkpoint; the tiny SDXL one for
+the SDXL twins) loads the graph
 with app.loadGraphData; no node type may be missing; app.graphToPrompt() must give the API twin
 (workflows/api/*.api.json: the same class_type per node id, the same widget values and links); with
 test_comfy_server.py's substitutions (tiny checkpoint, test image, few steps) set on the widgets, the
@@ -37,6 +38,9 @@ from test_comfy_server import RUN_TIMEOUT, _needs_concept_file, ensure_concept_f
 from test_comfy_server import server  # noqa: E402,F401  - the module-scoped fixture
 
 NAMES = tuple(sorted(p.name[: -len(".json")] for p in S.WORKFLOWS.glob("*.json")))
+# the editor is the same at every model tier; a workflow is queued on a server of its family (the SDXL twins'
+# CLIP Text Encode (SDXL) needs SDXL's two text encoders)
+CASES = [pytest.param("sdxl" if n.endswith("_sdxl") else "tiny", n, id=n) for n in NAMES]
 APP_TIMEOUT_MS = 240_000          # the editor's first load (an 11 MB bundle) on a busy 2-core machine
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -140,8 +144,7 @@ def _wait_done(server, pid):
     pytest.fail(f"prompt {pid} did not finish in {RUN_TIMEOUT}s:\n" + server.log_tail())
 
 
-@pytest.mark.parametrize("server", ["tiny"], indirect=True)     # the editor is the same at every model tier
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("server,name", CASES, indirect=["server"])
 def test_editor_loads_converts_and_queues_the_workflow(server, editor, name):
     page, page_errors = editor
     ui = json.loads((S.WORKFLOWS / f"{name}.json").read_text())

@@ -99,12 +99,48 @@ def test_ui_and_api_describe_the_same_graph(name):
                 assert got == want, (n["id"], got, want)
 
 
+SDXL_TWINS = tuple(n for n in NAMES if n.endswith("_sdxl"))
+# the stock file name each family's workflows load (the Note says to pick one's own)
+STOCK_CHECKPOINT = {"sd15": "v1-5-pruned-emaonly.safetensors", "sdxl": "sd_xl_base_1.0.safetensors"}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_workflows_use_a_stock_sd15_checkpoint_name(name):
+def test_workflows_use_a_stock_checkpoint_name_of_their_family(name):
     ui, api = load(name)
+    want = STOCK_CHECKPOINT["sdxl" if name in SDXL_TWINS else "sd15"]
     loaders = [n for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
-    assert loaders and all(n["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors" for n in loaders)
+    assert loaders and all(n["inputs"]["ckpt_name"] == want for n in loaders)
     assert any(n["class_type"] == "SaveImage" for n in api.values())
+
+
+def test_the_sdxl_twins_are_p2p_edit_and_custom_edit():
+    assert SDXL_TWINS == ("custom_edit_sdxl", "p2p_edit_sdxl")
+
+
+@pytest.mark.parametrize("name", SDXL_TWINS)
+def test_an_sdxl_twin_runs_its_sd_workflows_method_with_the_same_settings(name):
+    """Same nodes, links and settings as the SD1.5 workflow; only the checkpoint, the save prefixes and an
+    optional CLIP Text Encode (SDXL) on Invert's sdxl_size differ."""
+    _, twin = load(name)
+    _, base = load(name[: -len("_sdxl")])
+    size_nodes = {k for k, n in twin.items() if n["class_type"] == "CLIPTextEncodeSDXL"}
+    assert set(twin) - size_nodes == set(base)
+    for k, n in base.items():
+        t = twin[k]
+        assert t["class_type"] == n["class_type"], k
+        inputs = {i: v for i, v in t["inputs"].items() if not (isinstance(v, list) and v[0] in size_nodes)}
+        if n["class_type"] == "CheckpointLoaderSimple":
+            continue
+        if n["class_type"] == "SaveImage":
+            assert inputs["filename_prefix"] == n["inputs"]["filename_prefix"].replace("customedit/", "customedit/sdxl_")
+            inputs["filename_prefix"] = n["inputs"]["filename_prefix"]
+        assert inputs == n["inputs"], k
+    for k in size_nodes:
+        sizes = {i: v for i, v in twin[k]["inputs"].items() if i not in ("clip", "text_g", "text_l")}
+        assert sizes == {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0,
+                         "target_width": 1024, "target_height": 1024}
+        users = [(c, i) for c, n in twin.items() for i, v in n["inputs"].items() if v == [k, 0]]
+        assert [(twin[c]["class_type"], i) for c, i in users] == [("CustomEditNullTextInvert", "sdxl_size")]
 
 
 def test_sdedit_uses_the_hosts_sampler_only():
