@@ -14,10 +14,9 @@ POOLED = G_WIDTH      # ComfyUI's CLIP-G projection is square (hidden -> hidden)
 
 
 def _text_config(width, act, layers=3):
-    return {"hidden_act": act, "hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
-            "num_hidden_layers": layers, "max_position_embeddings": 77, "vocab_size": 49408,
-            "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1,
-            "projection_dim": POOLED, "initializer_factor": 1.0, "initializer_range": 0.02}
+    from comfy_tiny_sdxl_node import text_config
+
+    return text_config(width, act, layers, heads=2, inner=2 * width, projection=POOLED)
 
 
 def _randomise(module, seed, out_scale=None):
@@ -37,30 +36,9 @@ def tiny_sdxl(seed: int = 0, embedding_directory=None):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
-    import comfy.sd1_clip
-    import comfy.sdxl_clip
     import comfy.supported_models as sm
 
-    class TinyClip(comfy.sdxl_clip.SDXLClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
-            torch.nn.Module.__init__(self)
-            self.clip_l = comfy.sd1_clip.SDClipModel(
-                layer="hidden", layer_idx=-2, device=device, dtype=dtype, layer_norm_hidden_state=False,
-                textmodel_json_config=_text_config(L_WIDTH, "quick_gelu"), model_options=model_options)
-            self.clip_g = comfy.sd1_clip.SDClipModel(
-                layer="hidden", layer_idx=-2, device=device, dtype=dtype, layer_norm_hidden_state=False,
-                textmodel_json_config=_text_config(G_WIDTH, "gelu"), return_projected_pooled=True,
-                special_tokens={"start": 49406, "end": 49407, "pad": 0},
-                model_options={**model_options, "model_name": "clip_g"})
-            self.dtypes = {dtype}
-
-    class TinyTokenizer(comfy.sdxl_clip.SDXLTokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
-            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
-            self.clip_l.embedding_size, self.clip_g.embedding_size = L_WIDTH, G_WIDTH
-
-    class Target:
-        clip, tokenizer, params = TinyClip, TinyTokenizer, {}
+    from comfy_tiny_sdxl_node import clip_target       # the CLIP the test-only node gives the tiny SDXL file
 
     unet_config = {
         "model_channels": 64, "use_linear_in_transformer": True, "transformer_depth": [0, 1, 2],
@@ -78,6 +56,7 @@ def tiny_sdxl(seed: int = 0, embedding_directory=None):
         out.weight.mul_(0.1)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
-    clip = comfy.sd.CLIP(target=Target, embedding_directory=embedding_directory, model_options={"dtype": torch.float32})
+    target = clip_target(_text_config(L_WIDTH, "quick_gelu"), _text_config(G_WIDTH, "gelu"))
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory, model_options={"dtype": torch.float32})
     _randomise(clip.cond_stage_model, seed + 1)
     return patcher, clip
