@@ -111,3 +111,17 @@ def test_a_run_cut_short_can_be_exported(tmp_path):
     assert info["unet_stages"][-1]["steps"] == 2 and info["unet_stages"][-1]["planned_steps"] == 5
     with pytest.raises(SystemExit, match="no state"):
         train.main(f"{RUN} --checkpoint {tmp_path}/empty --export --out {tmp_path}/n".split())
+
+
+def test_fp16_export_halves_the_weights_and_loads_as_float32(tmp_path):
+    """The shipped folder may be written in fp16 (the 25 MB budget); the pack computes in float32 on the CPU."""
+    from customedit_core import api
+
+    train.main(f"{RUN} --checkpoint {tmp_path}/ck --stop-after 2 --out {tmp_path}/m".split())
+    train.main(f"{RUN} --checkpoint {tmp_path}/ck --export --out {tmp_path}/m32".split())
+    train.main(f"{RUN} --checkpoint {tmp_path}/ck --export --save-dtype fp16 --out {tmp_path}/m16".split())
+    w32, w16 = _weights(tmp_path / "m32"), _weights(tmp_path / "m16")
+    assert w16.keys() == w32.keys() and {v.dtype for v in w16.values()} == {torch.float16}
+    assert all(torch.equal(w16[k], w32[k].half()) for k in w32)
+    pipe = api.load(str(tmp_path / "m16"), device="cpu", log=lambda s: None)
+    assert {p.dtype for p in pipe.backend.unet.parameters()} == {torch.float32}

@@ -23,6 +23,7 @@ new words start at the mean vector), `--vae-from` takes its VAE instead of train
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -182,7 +183,11 @@ def train_unet(unet, te, data, state, a, device, log, g, save_state):
     state["seconds"] = state.get("seconds", 0.0) + time.time() - t
 
 
-def save(out: str, unet, te, tok, vae, info: dict):
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def save(out: str, unet, te, tok, vae, info: dict, dtype: torch.dtype = torch.float32):
+    unet, te, vae = (m if dtype == torch.float32 else copy.deepcopy(m).to(dtype) for m in (unet, te, vae))
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(out)}-{os.getpid()}")
@@ -237,6 +242,9 @@ def parse(argv=None):
                     help="write the model as the checkpoint has it now, without training on (a run cut short: "
                          "training.json says at which step of how many)")
     ap.add_argument("--cache", help="keep the rendered scenes in this .npz (reused when it matches)")
+    ap.add_argument("--save-dtype", choices=("fp32", "fp16"), default="fp32",
+                    help="precision of the written weights (fp16: half the size, for the shipped folder; the "
+                         "pack loads them in float32 on the CPU); the run's own state is always float32")
     a = ap.parse_args(argv)
     if a.size % 16 or a.size < 16:
         ap.error(f"--size: expected a multiple of 16 (the VAE's 4x and the UNet's 4x), got {a.size}")
@@ -339,7 +347,8 @@ def main(argv=None):
                 parameters=dict(unet=sum(p.numel() for p in unet.parameters()),
                                 text_encoder=sum(p.numel() for p in te.parameters()),
                                 vae=sum(p.numel() for p in vae.parameters())))
-    save(a.out, unet.cpu(), te.cpu(), tok, vae.cpu(), info)
+    info["save_dtype"] = a.save_dtype
+    save(a.out, unet.cpu(), te.cpu(), tok, vae.cpu(), info, SAVE_DTYPES[a.save_dtype])
     log(f"wrote {a.out} in {time.time() - t0:.0f} s")
 
 
