@@ -53,7 +53,7 @@ def rows_for(bench, seed, scene, concept_pipe=None):
     edit("P2P refine + 'striped' (+ blend)", res, striped)
     res, _ = bench.sdedit(img, colour.caption(), 0.6)
     edit("SDEdit 0.6 (swap)", res, colour)
-    res, _, m = bench.diffedit(img, src, colour.caption(), 0.7)
+    res, _, m, _ = bench.diffedit(img, src, colour.caption(), 0.7)
     out.append(("DiffEdit mask", _mask_rgb(m), f"IoU {B.Q.iou(m, mask):.2f}"))
     edit("DiffEdit (swap)", res, colour)
     ref_scene = sample_scene(seed + B.REFERENCE_OFFSET, objects=1, held_out=False).with_object(

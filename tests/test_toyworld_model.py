@@ -87,6 +87,21 @@ def test_quality_benchmark_runs_on_a_subset(tmp_path):
         assert (tmp_path / name).is_file()
     assert set(report["reconstruction_psnr"]) == {"negative_prompt", "direct"}
     assert report["reconstruction_psnr"]["direct"] > 15
-    assert 0.0 <= report["diffedit_mask_iou"] <= 1.0
+    assert 0.0 <= report["diffedit_mask_iou"] <= report["diffedit_mask_ceiling"] + 1e-9   # a grid mask can't beat it
     assert {"kv_token"} == set(report["concepts"]) and {"plain", "DCI", "DCI lambda -1"} == set(report["dci"])
     assert torch.isfinite(torch.tensor(report["vae_psnr"]))
+
+
+def test_the_grid_ceiling_is_the_best_a_latent_grid_mask_can_do():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import quality
+
+    mask = np.zeros((64, 64), bool)
+    mask[8:24, 4:16] = True                                  # on 4 px cells exactly: a grid mask covers it
+    assert quality.grid_ceiling(mask, 16) == 1.0
+    mask[:] = False
+    mask[0, 0] = True                                        # one pixel: the best is its cell, 1/16
+    assert quality.grid_ceiling(mask, 16) == 1 / 16
+    mask[:] = False
+    mask[2:6, 2:6] = True          # a quarter of each of 4 cells: one cell gives 4/28, all four 16/64
+    assert quality.grid_ceiling(mask, 16) == 0.25
