@@ -16,8 +16,10 @@ EXTRA_WORDS = ("photo", "of", "picture", "big", "small", "v*", "sks", "far", "aw
                "close", "up")
 FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
-# Widths (measured on the 2-core CPU, 2 threads, batch 32 at 16x16 latents, forward + backward):
-# v1 2.9 M UNet 0.91 s/step; wide 11.2 M 1.91 s/step; test: a few K parameters, for the tests.
+# Widths (the 2-core CPU, 2 threads, batch 32 at 16x16 latents, forward + backward with the attention
+# supervision): v1 2.9 M UNet 0.91 s/step; wide 11.2 M (the shipped v3) 1.91 s/step in one session and
+# 0.69 s/step over the whole 7,000-step v3 run in another (the machine's speed varies between sessions);
+# test: a few K parameters, for the tests.
 ARCHS = {
     "v1": dict(unet=dict(block_out_channels=(32, 64, 96), layers_per_block=1, attention_head_dim=2),
                text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)),
