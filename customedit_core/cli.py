@@ -247,6 +247,13 @@ def _specref_parser(sub):
     g.add_argument("--step-end", type=float, default=1.0, help="fraction of steps where the reference ends")
     g.add_argument("--blend-start", type=float, default=0.2, help="fraction of steps after which the outside "
                                                                   "is kept")
+    g.add_argument("--p2p-mode", choices=("auto", "replace", "refine"), default="auto",
+                   help="the Prompt-to-Prompt control of the edit, as the reference code (auto: replace when both "
+                        "prompts have as many words, else refine)")
+    g.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with the source's "
+                                                                    "cross-attention")
+    g.add_argument("--self-replace", type=float, default=0.6, help="fraction of steps with the source's "
+                                                                   "self-attention (outside the reference layers)")
     _picture_args(p, "source | reference | edit | M_t")
 
 
@@ -390,6 +397,10 @@ def _check_args(a):
         raise InputError("source", "describe --image with --source (the inversion needs its prompt)")
     if a.command in ("edit", "diffedit", "specref") and a.image and not a.target:
         raise InputError("target", "give the target prompt with --target")
+    for name in ("cross_replace", "self_replace"):
+        v = getattr(a, name, None) if a.command == "specref" else None
+        if v is not None and not 0.0 <= v <= 1.0:          # NaN fails too
+            raise InputError(name, f"expected a fraction of the steps in [0, 1], got {v}")
     if a.command == "maps" and a.target and len(a.target) > 1:
         raise InputError("target", "maps are drawn for one target prompt; give --target once")
     if a.command == "dci" and a.image and a.negative:
@@ -642,7 +653,8 @@ def cmd_specref(a, log):
         mask = pipe.mask(api.open_image(a.mask, "mask").convert("L"), inv.source) if a.mask else None
         res = pipe.specref(inv, bank, target, words, mask=mask, source_words=tuple(a.source_words or ()),
                            threshold=a.threshold, level_start=a.level_start, level_end=a.level_end,
-                           step_start=a.step_start, step_end=a.step_end, blend_start=a.blend_start)
+                           step_start=a.step_start, step_end=a.step_end, blend_start=a.blend_start,
+                           mode=a.p2p_mode, cross_replace=a.cross_replace, self_replace=a.self_replace)
         log(f"edited in {time.time() - t:.1f} s")
         _write(a, log, [image, reference, pipe.decode(res.edited)[0], mask_panel(res.mask, image.size)],
                ["source", "reference", "edit", "M_t"])

@@ -75,7 +75,9 @@ def cross_alpha(settings: P2PSettings, targets: list[PromptTokens], steps: int) 
     return alpha
 
 
-def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list[PromptTokens], steps: int):
+def edit_controllers(settings: P2PSettings, source: PromptTokens, targets: list[PromptTokens], steps: int):
+    """(controllers, store): P2P's self/cross-attention edits and reweighting, then the store that
+    records the edited maps (also SpecRef's attention control)."""
     if settings.mode not in ("refine", "replace"):
         raise InputError("mode", f"expected 'refine' or 'replace', got {settings.mode!r}")
     if settings.edit_uncond not in ("inversion", "empty"):
@@ -103,6 +105,11 @@ def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list
     # the store records after the edits, as the reference's does (it keeps the very tensors the
     # controllers then overwrite in place): local blend and the maps see the edited attention
     controllers.append(store)
+    return controllers, store
+
+
+def build_controllers(settings: P2PSettings, source: PromptTokens, targets: list[PromptTokens], steps: int):
+    controllers, store = edit_controllers(settings, source, targets, steps)
     blend = None
     if settings.local_blend:
         if not 0.0 < settings.blend_threshold < 1.0:

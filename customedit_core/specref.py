@@ -7,14 +7,16 @@
    of it, ... (the paper's layers 10-16 of SD1.5 are levels 0-1). The K/V of the inverse step
    at timestep t serve the denoising step at t, as in the reference code.
 2. Edit, two branches walked down from the source inversion's noise: row 0 follows the
-   inverted latents exactly (the source branch), row 1 is the edit with the target prompt.
-   In the chosen layers and steps, the edit's conditional half also attends to the reference
-   keys, masked by M_s (eq. 2-3), and mixes O = M_t * O_ref + (1 - M_t) * O_self; M_t is the
-   edited words' cross-attention map in the edit branch (layers at 1/4 of the latent side,
-   averaged over layers, heads and the steps so far in a fixed-size sum, min-max normalised,
-   thresholded; re-estimated after every step) or a given mask. After each step from
-   `blend_start` on, the edit keeps the source branch outside M_t (eq. 5, P2P local blend,
-   with the same mask), so an empty M_t gives back the source.
+   inverted latents exactly (the source branch), row 1 is the edit with the target prompt,
+   under Prompt-to-Prompt's attention control as in the reference code (cross-attention
+   replaced for 0.8 of the steps, self-attention for 0.6). In the chosen layers and steps, the
+   edit's conditional half also attends to the reference keys, masked by M_s (eq. 2-3), and
+   mixes O = M_t * O_ref + (1 - M_t) * O_self (there SR-attention, not P2P, sets the
+   self-attention); M_t is the edited words' cross-attention map in the edit branch after the
+   P2P edits (the level nearest 16x16 maps, averaged over layers, heads and the steps so far in
+   a fixed-size sum, min-max normalised, thresholded; re-estimated after every step) or a given
+   mask. After each step from `blend_start` on, the edit keeps the source branch outside M_t
+   (eq. 5, P2P local blend, with the same mask), so an empty M_t gives back the source.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import torch.nn.functional as F
 
 from .attention import AttentionHook, Controller, Site
 from .ddim import Schedule
+from .edit import P2PSettings, edit_controllers
 from .errors import InputError
 from .inversion import Inversion, at_inversion_size, check_latent, ddim_trajectory
 from .masks import check_grid_mask, resize
-from .p2p import AttentionStore
+from .p2p import AttentionStore, ReplaceSelf
 from .sampling import denoise
 from .tokens import tokenize
 
@@ -239,6 +242,18 @@ class TargetRegion(Controller):
         return m[None]
 
 
+class SelfOutsideReference(ReplaceSelf):
+    """P2P's self-attention replacement, except where SR-attention acts: in the reference code those
+    layers and steps return SR-attention's output before the P2P controller could edit them."""
+
+    def __init__(self, base: ReplaceSelf, sites: set, steps: range):
+        super().__init__(base.end, base.max_side, base.start)
+        self.sites, self.steps = sites, steps
+
+    def needs_probs(self, site):
+        return super().needs_probs(site) and not (site.name in self.sites and site.step in self.steps)
+
+
 class ReferenceKV(Controller):
     """SR-attention (eq. 2-3): the edit's conditional half attends to the reference keys under M_s;
     the result replaces its own attention output inside M_t."""
@@ -279,7 +294,8 @@ def specref_edit(backend, inv: Inversion, bank: ReferenceBank, target_prompt: st
                  edited_words: Sequence[str] = (), level_start: int = 0, level_end: int = 1,
                  step_start: float = 0.08, step_end: float = 1.0, threshold: float = 0.3,
                  mask: Optional[torch.Tensor] = None, source_words: Sequence[str] = (),
-                 blend_start: float = 0.2,
+                 blend_start: float = 0.2, mode: str = "auto", cross_replace: float = 0.8,
+                 self_replace: float = 0.6, self_max_side: float = 0.5,
                  callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> SpecRefResult:
     """Edit `inv` so that the edited words' region follows the reference in `bank`.
 
@@ -287,6 +303,10 @@ def specref_edit(backend, inv: Inversion, bank: ReferenceBank, target_prompt: st
     mask: a fixed M_t [1, 1, h, w] on the latent grid (replaces the words' map; source_words are then
     not used). source_words: source-prompt words whose region joins the local blend (e.g. the
     object being replaced). callback(i, z) sees both rows after each step.
+    mode, cross_replace, self_replace, self_max_side: the Prompt-to-Prompt control the edit runs
+    under, as the reference code's (its controller: cross-attention replaced for 0.8 of the steps,
+    self-attention for 0.6; M_t is read from the edited maps). mode "auto": "replace" when both
+    prompts have as many words, else "refine". cross_replace = self_replace = 0: no P2P control.
     """
     if isinstance(edited_words, str):
         edited_words = (edited_words,)
@@ -309,6 +329,8 @@ def specref_edit(backend, inv: Inversion, bank: ReferenceBank, target_prompt: st
         raise InputError("threshold", f"expected a value in (0, 1), got {threshold}")
     if not 0.0 <= blend_start <= 1.0:
         raise InputError("blend_start", f"expected a fraction of the steps in [0, 1], got {blend_start}")
+    if mode not in ("auto", "replace", "refine"):
+        raise InputError("mode", f"expected 'auto', 'replace' or 'refine', got {mode!r}")
     hw = tuple(inv.source.shape[2:])
     fixed = check_grid_mask(mask, hw, "mask") if mask is not None else None
     target = tokenize(backend.tokenizer, target_prompt, "target_prompt")
@@ -318,10 +340,15 @@ def specref_edit(backend, inv: Inversion, bank: ReferenceBank, target_prompt: st
     edit_pos = target.positions_of(edited_words, "edited_words") if fixed is None else []
     source_pos = inv.tokens.positions_of(source_words, "source_words") if fixed is None else []
     dev = backend.device
-    store = AttentionStore()
-    region = TargetRegion(store, edit_pos, source_pos, threshold, None if fixed is None else fixed.to(dev))
     sites = [n for n, lv in bank.sites.items() if level_start <= lv <= level_end]
-    hook = AttentionHook([store, region, ReferenceKV(bank, sites, range(lo, hi), region)])
+    if mode == "auto":
+        mode = "replace" if len(inv.tokens.words) == len(target.words) else "refine"
+    control = P2PSettings(mode=mode, cross_replace=cross_replace, self_replace=self_replace,
+                          self_max_side=self_max_side)
+    controllers, store = edit_controllers(control, inv.tokens, [target], steps)
+    controllers[0] = SelfOutsideReference(controllers[0], set(sites), range(lo, hi))
+    region = TargetRegion(store, edit_pos, source_pos, threshold, None if fixed is None else fixed.to(dev))
+    hook = AttentionHook(controllers + [region, ReferenceKV(bank, sites, range(lo, hi), region)])
     first_blend = int(blend_start * steps)
 
     def local_blend(i, z):

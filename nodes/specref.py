@@ -111,7 +111,8 @@ class SpecRefEdit(CheckedNode):
             display_name="SpecRef Edit",
             category=f"{CATEGORY}/specref",
             description="Edits an inverted image after a reference: in the edited words' region M_t (their "
-                        "cross-attention, re-estimated every step, or a given mask) the edit attends to the "
+                        "cross-attention after the Prompt-to-Prompt control the edit runs under, re-estimated "
+                        "every step, or a given mask) the edit attends to the "
                         "reference's keys and values (under its object mask M_s); outside it the source is kept "
                         "(local blend). Returns the edit and M_t. A given mask replaces M_t: all-zero returns the "
                         f"source unchanged, all-one lets the whole image take the reference. {MASKS}",
@@ -134,6 +135,16 @@ class SpecRefEdit(CheckedNode):
                                 tooltip="Source words whose region joins the blend mask (e.g. the replaced object)."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Fraction of steps after which the outside is kept as the source."),
+                io.Combo.Input("p2p_mode", options=["auto", "replace", "refine"], default="auto", optional=True,
+                               tooltip="The Prompt-to-Prompt control the edit runs under (as the reference code): "
+                                       "replace for a word swap, refine for added words; auto picks replace when "
+                                       "both prompts have as many words."),
+                io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of steps whose cross-attention comes from the source (the "
+                                       "reference code's 0.8); it keeps the object where it was, so M_t stays on it."),
+                io.Float.Input("self_replace", default=0.6, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of steps whose self-attention comes from the source, outside "
+                                       "the reference layers (the reference code's 0.6). Both 0: no P2P control."),
             ],
             outputs=[
                 io.Latent.Output(display_name="edited", tooltip="The edited image's latent, for VAE Decode."),
@@ -158,7 +169,8 @@ class SpecRefEdit(CheckedNode):
 
     @classmethod
     def execute(cls, model, clip, inversion, reference_kv, target_prompt, edited_words, level_start, level_end,
-                step_start, step_end, blend_threshold, mask=None, source_words="", blend_start=0.2) -> io.NodeOutput:
+                step_start, step_end, blend_threshold, mask=None, source_words="", blend_start=0.2,
+                p2p_mode="auto", cross_replace=0.8, self_replace=0.6) -> io.NodeOutput:
         words = parse_words(edited_words or "", "edited_words")
         sources = parse_words(source_words or "", "source_words")
         backend = ComfyBackend(model, clip)
@@ -175,10 +187,12 @@ class SpecRefEdit(CheckedNode):
                 res = specref_edit(backend, inversion, reference_kv, target_prompt, words, level_start=level_start,
                                    level_end=level_end, step_start=step_start, step_end=step_end,
                                    threshold=blend_threshold, mask=mt, source_words=sources,
-                                   blend_start=blend_start)
+                                   blend_start=blend_start, mode=p2p_mode, cross_replace=float(cross_replace),
+                                   self_replace=float(self_replace))
                 edited = backend.from_model_latent(res.edited)
         except InputError as e:
-            raise renamed(e, {"threshold": "blend_threshold", "reference": "reference_kv"}) from None
+            raise renamed(e, {"threshold": "blend_threshold", "reference": "reference_kv",
+                              "mode": "p2p_mode"}) from None
         mask_t = image_mask(res.mask, hw, backend.vae_scale)
         return io.NodeOutput(inversion_latent_out(edited, inversion), mask_t, ui=ui.PreviewMask(mask_t, cls=cls))
 

@@ -113,6 +113,11 @@ def test_specref_and_dci_combinations_are_checked_before_the_model_loads(tmp_pat
     out = str(tmp_path / "o.png")
     rc, err = run_cli(["specref", "--image", img, "--source", "a cat", "--target", "a dog", "--out", out])
     assert rc == 2 and "edited_words: name the target word(s)" in err
+    for flag, value in (("--cross-replace", "1.5"), ("--self-replace", "nan")):
+        rc, err = run_cli(["specref", "--image", img, "--source", "a cat", "--target", "a dog", "--edited-words",
+                           "dog", flag, value, "--out", out])
+        name = flag[2:].replace("-", "_")
+        assert rc == 2 and f"{name}: expected a fraction of the steps in [0, 1], got {value}" in err, err
     rc, err = run_cli(["dci", "--prompt", "a <new1> dog", "--image", img, "--source", "a dog", "--negative", "blur",
                        "--out", out])
     assert rc == 2 and "negative: an inversion brings its own" in err

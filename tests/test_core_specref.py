@@ -7,9 +7,9 @@ from customedit_core.attention import AttentionHook, Controller, Layout, Site
 from customedit_core.ddim import Schedule
 from customedit_core.errors import InputError
 from customedit_core.inversion import ddim_trajectory
-from customedit_core.p2p import AttentionStore
-from customedit_core.specref import (ReferenceBank, ReferenceKV, TargetRegion, extract_reference,
-                                     specref_edit)
+from customedit_core.p2p import AttentionStore, ReplaceSelf
+from customedit_core.specref import (ReferenceBank, ReferenceKV, SelfOutsideReference, TargetRegion,
+                                     extract_reference, specref_edit)
 from customedit_core.tokens import tokenize
 
 SRC = "a photo of a cat on grass"
@@ -112,6 +112,15 @@ def test_reference_attention_follows_equations_2_and_3():
         assert torch.equal(ReferenceKV(bank, ["l"], range(0, 1), region).attend(q, o.clone(), other), o)
 
 
+def test_p2p_self_replacement_stays_out_of_the_reference_layers_and_steps():
+    base = ReplaceSelf(6, 1.0, 0)
+    ctl = SelfOutsideReference(base, {"l"}, range(2, 4))
+    at = lambda name, step: Site(name, "self", "up", 4, 4, 1, 4, 4, step, 8, Layout(2, True))   # noqa: E731
+    assert ctl.needs_probs(at("l", 1)) and ctl.needs_probs(at("l", 4)) and ctl.needs_probs(at("x", 3))
+    assert not ctl.needs_probs(at("l", 2)) and not ctl.needs_probs(at("l", 3))      # SR-attention's
+    assert not ctl.needs_probs(at("x", 6))                                           # P2P's own window
+
+
 def test_target_region_is_the_min_max_normalised_word_map():
     store = AttentionStore()
     site = Site("x", "cross", "down", 4, 4, 1, 16, 16, layout=Layout(2, False))
@@ -170,6 +179,39 @@ def test_outside_the_region_the_edit_is_the_source_branch(backend, inv, banks):
     res = specref_edit(backend, inv, banks["other"], TGT, ("tiger",), source_words=("cat",), step_start=0.0)
     assert 0 < res.mask.mean() < 1
     assert torch.equal(res.edited * (1 - res.mask), res.source * (1 - res.mask))
+
+
+def test_the_edit_runs_under_the_reference_codes_p2p_control(backend, inv, banks):
+    """The reference code's controller by default (replace for a word swap, cross 0.8, self 0.6);
+    M_t reads the maps after the P2P edit: with cross-attention replaced at every step, the target
+    word's map is the swapped source word's."""
+    import inspect
+
+    d = {k: v.default for k, v in inspect.signature(specref_edit).parameters.items()}
+    assert (d["mode"], d["cross_replace"], d["self_replace"]) == ("auto", 0.8, 0.6)
+    kw = dict(source_words=("cat",), step_start=0.0)
+    res = specref_edit(backend, inv, banks["other"], TGT, ("tiger",), **kw)
+    same = specref_edit(backend, inv, banks["other"], TGT, ("tiger",), mode="replace", cross_replace=0.8,
+                        self_replace=0.6, **kw)
+    assert torch.equal(res.edited, same.edited)
+    free = specref_edit(backend, inv, banks["other"], TGT, ("tiger",), cross_replace=0.0, self_replace=0.0, **kw)
+    assert err(free.edited, res.edited) > 1e-3
+    tiger = tokenize(backend.tokenizer, TGT).positions("tiger", "w")[0]
+    cat = inv.tokens.positions("cat", "w")[0]
+    full = specref_edit(backend, inv, banks["other"], TGT, ("tiger",), cross_replace=1.0, **kw)
+    maps = full.store.word_maps()
+    assert torch.allclose(maps[1][..., tiger], maps[0][..., cat], atol=1e-6)
+    maps = free.store.word_maps()
+    assert not torch.allclose(maps[1][..., tiger], maps[0][..., cat], atol=1e-3)
+    # "auto" takes refine when the prompts differ in length; replace then names the input
+    added = "a photo of a striped cat on grass"
+    auto = specref_edit(backend, inv, banks["other"], added, ("striped",), **kw)
+    refine = specref_edit(backend, inv, banks["other"], added, ("striped",), mode="refine", **kw)
+    assert torch.equal(auto.edited, refine.edited)
+    with pytest.raises(InputError, match="^target_prompt: a replace edit needs the same number of words"):
+        specref_edit(backend, inv, banks["other"], added, ("striped",), mode="replace")
+    with pytest.raises(InputError, match="^mode"):
+        specref_edit(backend, inv, banks["other"], TGT, ("tiger",), mode="swap")
 
 
 def test_reference_equal_to_the_source_stays_close_to_the_reconstruction(backend, inv, banks, other_latent):
