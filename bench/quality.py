@@ -259,14 +259,22 @@ def concept_refs(concept, first, n=4):
     return imgs
 
 
+def sibling_backend(b0, unet=None):
+    """A backend on b0's text encoder and tokenizer (and UNet, unless one is given) with b0's settings,
+    its VAE scale among them: the concept's own word list and deltas leave b0 as it was."""
+    from customedit_core.backends.diffusers import DiffusersBackend
+
+    return DiffusersBackend(b0.unet if unet is None else unet, b0.text_encoder, b0.tokenizer.tok,
+                            alphas_cumprod=b0.alphas_cumprod, prediction_type=b0.prediction_type,
+                            device=b0.device, dtype=b0.dtype, vae_scale=b0.vae_scale)
+
+
 def train_full(pipe, refs, class_word, steps, lr, log):
     """Full fine-tuning of the UNet and the token's vector (DreamBooth-like; no prior term), on a copy."""
-    from customedit_core.backends.diffusers import DiffusersBackend
     from customedit_core.customize import _init_vector, denoising_loss
 
-    b0 = pipe.backend
-    unet = copy.deepcopy(b0.unet).requires_grad_(True).train()
-    b = DiffusersBackend(unet, b0.text_encoder, b0.tokenizer.tok, alphas_cumprod=b0.alphas_cumprod, device=b0.device)
+    unet = copy.deepcopy(pipe.backend.unet).requires_grad_(True).train()
+    b = sibling_backend(pipe.backend, unet)
     vec = torch.nn.Parameter(_init_vector(b, "ktn").clone())
     b.tokenizer.add_word("<new1>", vec, "token")
     z0 = torch.cat([pipe.latent(to_pil(r)) for r in refs]).to(b.device)
@@ -293,7 +301,6 @@ def train_full(pipe, refs, class_word, steps, lr, log):
 def concept_pipeline(pipe, mode, refs, class_word, steps, lr, log):
     """A shallow copy of the pipeline whose backend knows <new1> (trained `mode`)."""
     from customedit_core import concept as C
-    from customedit_core.backends.diffusers import DiffusersBackend
 
     t = time.perf_counter()
     if mode == "full":
@@ -301,9 +308,7 @@ def concept_pipeline(pipe, mode, refs, class_word, steps, lr, log):
     else:
         res = pipe.train_concept([to_pil(r) for r in refs], class_word, steps=steps, learning_rate=lr,
                                  num_class_images=8, class_steps=10, train=mode, views_per_image=4)
-        b0 = pipe.backend
-        backend = DiffusersBackend(b0.unet, b0.text_encoder, b0.tokenizer.tok, alphas_cumprod=b0.alphas_cumprod,
-                                   device=b0.device)
+        backend = sibling_backend(pipe.backend)
         C.apply(backend, res.concept)
         log(f"{mode}: {steps} steps, last loss {res.losses[-1]:.4f}")
     p = copy.copy(pipe)

@@ -505,8 +505,8 @@ def from_models(unet, text_encoder, tokenizer, vae, device=None, dtype: Optional
             m.to(dt)
     backend = DiffusersBackend(unet, text_encoder, tokenizer, alphas_cumprod=alphas_cumprod,
                                prediction_type=prediction_type, device=dev, dtype=dtype,
-                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-    backend.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                               vae_scale=2 ** (len(vae.config.block_out_channels) - 1))
     scaling = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
     return Pipeline(backend, vae, scaling, source, family, list(notes), log or _stderr, default_size)
 

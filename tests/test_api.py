@@ -52,6 +52,18 @@ def test_tiny_pipeline_says_it_is_a_toy(tiny_pipe):
     assert any("untrained" in m and "random" in m for m in tiny_pipe.messages)
 
 
+def test_the_backend_takes_the_vaes_scale_and_refuses_a_bad_one():
+    unet, te, tok = tiny_models()[:3]
+    b = DiffusersBackend(unet, te, tok, vae_scale=4)
+    try:
+        assert b.vae_scale == 4
+    finally:
+        b.close()
+    for bad in (0, 2.0):
+        with pytest.raises(InputError, match="^vae_scale: expected a positive whole number"):
+            DiffusersBackend(unet, te, tok, vae_scale=bad)
+
+
 def test_encode_resizes_to_the_pixel_multiple_and_says_so(tiny_pipe):
     m = tiny_pipe.pixel_multiple
     assert m == tiny_pipe.backend.latent_multiple * tiny_pipe.backend.vae_scale == 32

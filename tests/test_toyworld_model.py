@@ -92,6 +92,27 @@ def test_quality_benchmark_runs_on_a_subset(tmp_path):
     assert torch.isfinite(torch.tensor(report["vae_psnr"]))
 
 
+def test_the_benchs_concept_backends_keep_the_models_settings(pipe):
+    """The bench's concept pipelines sample at the size asked: a backend built without the toy VAE's
+    scale (4 px a latent cell, not SD's 8) drew 32 px pictures for a 64 px request."""
+    import copy
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import quality
+
+    b = quality.sibling_backend(pipe.backend)
+    try:
+        for k in ("vae_scale", "latent_multiple", "prediction_type", "dtype", "device"):
+            assert getattr(b, k) == getattr(pipe.backend, k), k
+        assert b.vae_scale == 4 and torch.equal(b.alphas_cumprod, pipe.backend.alphas_cumprod)
+        cp = copy.copy(pipe)
+        cp.backend = b
+        out = quality.to_np(cp.decode(cp.dci("a red circle on grass", size=64, steps=2).latents)[0])
+        assert out.shape == (64, 64, 3)
+    finally:
+        b.close()
+
+
 def test_the_grid_ceiling_is_the_best_a_latent_grid_mask_can_do():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import quality

@@ -92,7 +92,9 @@ class DiffusersBackend(Backend):
     name = "diffusers"
 
     def __init__(self, unet, text_encoder, tokenizer, alphas_cumprod=None, prediction_type="epsilon",
-                 device=None, dtype=torch.float32, text_encoder_2=None, tokenizer_2=None):
+                 device=None, dtype=torch.float32, text_encoder_2=None, tokenizer_2=None, vae_scale: int = 8):
+        """vae_scale: image pixels per latent cell of the VAE this UNet works with (SD's 8; the UNet
+        cannot tell, and a wrong one samples pictures of the wrong size)."""
         from ..ddim import sd_alphas_cumprod
 
         self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, None
@@ -117,6 +119,10 @@ class DiffusersBackend(Backend):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise InputError("model", f"prediction type {prediction_type!r} is not supported; {SUPPORTED}")
         self.prediction_type = prediction_type
+        if not isinstance(vae_scale, int) or vae_scale < 1:
+            raise InputError("vae_scale", f"expected a positive whole number of pixels per latent cell, "
+                                          f"got {vae_scale!r}")
+        self.vae_scale = vae_scale
         self.device = torch.device(device) if device else next(unet.parameters()).device
         self.dtype = dtype
         self.latent_channels = unet.config.in_channels
