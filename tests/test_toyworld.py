@@ -85,3 +85,15 @@ def test_a_fitted_geometry_recovers_a_rotation_free_pattern():
     o = Q.fit_object(Q.generated_object(img, "yellow"), "circle", "yellow")
     assert abs(o.cx - 0.4) < 0.03 and abs(o.cy - 0.55) < 0.03 and abs(o.size - 0.22) < 0.03
     assert Q.pattern_of(img, o, m[0])[0] == "ringed"
+
+
+def test_a_colours_region_leaves_out_other_colours_shades():
+    """A red object with dark patches is not a yellow one (the dark red is within 0.2 of yellow's
+    shade too), while a yellow ringed object is yellow, dark rings included."""
+    for pattern in ("checked", "ringed"):
+        red = sample_scene(5, objects=1).with_object(0, shape="circle", color="red", pattern=pattern, size=0.25)
+        img, m = render(red)
+        assert Q.generated_object(img, "yellow").sum() < 60
+    for pattern in ("plain", "ringed"):
+        img, m = render(red.with_object(0, color="yellow", pattern=pattern))
+        assert Q.iou(Q.generated_object(img, "yellow"), m[0]) > 0.9

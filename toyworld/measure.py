@@ -42,11 +42,15 @@ def colour_of(img: np.ndarray, mask: np.ndarray) -> Optional[str]:
 
 
 def colour_mask(img: np.ndarray, colour: str, tol: float = 0.2) -> np.ndarray:
-    """Pixels within `tol` (RMS over the channels) of a colour or of its shade; 0.2 accepts a generated
-    colour's drift and still keeps the backgrounds apart from the colours that stand out on them."""
-    base = np.array(COLORS[colour])
-    d = np.minimum(((img - base) ** 2).sum(-1), ((img - SHADE * base) ** 2).sum(-1))
-    return d < tol ** 2 * 3
+    """Pixels within `tol` (RMS over the channels) of a colour or of its shade, and nearer to them than
+    to any other colour or shade; 0.2 accepts a generated colour's drift and still keeps the
+    backgrounds apart from the colours that stand out on them. (Without the nearest rule the shades
+    overlap: a dark red pixel is within 0.2 of yellow's shade, so a red object with dark patches
+    passed for a yellow one.)"""
+    d = ((img[..., None, :] - _PROTOS) ** 2).sum(-1)
+    i = _NAMES.index(colour)
+    mine = np.minimum(d[..., i], d[..., i + len(_NAMES)])
+    return (mine < tol ** 2 * 3) & (d.argmin(-1) % len(_NAMES) == i)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
