@@ -89,11 +89,20 @@ def test_a_fitted_geometry_recovers_a_rotation_free_pattern():
 
 def test_a_colours_region_leaves_out_other_colours_shades():
     """A red object with dark patches is not a yellow one (the dark red is within 0.2 of yellow's
-    shade too), while a yellow ringed object is yellow, dark rings included."""
+    shade too), while a yellow object is yellow, dark rings included; the region of a colour is the
+    one holding that colour, not the largest."""
     for pattern in ("checked", "ringed"):
         red = sample_scene(5, objects=1).with_object(0, shape="circle", color="red", pattern=pattern, size=0.25)
         img, m = render(red)
-        assert Q.generated_object(img, "yellow").sum() < 60
+        assert Q.generated_object(img, "yellow").sum() == 0
     for pattern in ("plain", "ringed"):
         img, m = render(red.with_object(0, color="yellow", pattern=pattern))
         assert Q.iou(Q.generated_object(img, "yellow"), m[0]) > 0.9
+    mask = np.zeros((64, 64), bool)
+    mask[:, :40] = True                         # the larger region holds none of the weight
+    mask[:, 50:] = True
+    weight = np.zeros((64, 64), bool)
+    weight[0, 60] = True
+    assert Q.largest_component(mask).sum() == 64 * 40
+    assert Q.largest_component(mask, weight).sum() == 64 * 14
+    assert not Q.largest_component(mask, np.zeros_like(mask)).any()

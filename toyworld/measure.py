@@ -42,20 +42,27 @@ def colour_of(img: np.ndarray, mask: np.ndarray) -> Optional[str]:
 
 
 def colour_mask(img: np.ndarray, colour: str, tol: float = 0.2) -> np.ndarray:
-    """Pixels within `tol` (RMS over the channels) of a colour or of its shade, and nearer to them than
-    to any other colour or shade; 0.2 accepts a generated colour's drift and still keeps the
-    backgrounds apart from the colours that stand out on them. (Without the nearest rule the shades
-    overlap: a dark red pixel is within 0.2 of yellow's shade, so a red object with dark patches
-    passed for a yellow one.)"""
+    """Pixels within `tol` (RMS over the channels) of a colour or of its shade; 0.2 accepts a generated
+    colour's drift and still keeps the backgrounds apart from the colours that stand out on them."""
+    base = np.array(COLORS[colour])
+    d = np.minimum(((img - base) ** 2).sum(-1), ((img - SHADE * base) ** 2).sum(-1))
+    return d < tol ** 2 * 3
+
+
+def base_mask(img: np.ndarray, colour: str, tol: float = 0.2) -> np.ndarray:
+    """Pixels within `tol` of the colour itself (not its shade) and nearer to it than to any other
+    colour or shade: what only an object of that colour has. (The shades overlap: a dark red pixel
+    is within 0.2 of yellow's shade too.)"""
     d = ((img[..., None, :] - _PROTOS) ** 2).sum(-1)
     i = _NAMES.index(colour)
-    mine = np.minimum(d[..., i], d[..., i + len(_NAMES)])
-    return (mine < tol ** 2 * 3) & (d.argmin(-1) % len(_NAMES) == i)
+    return (d[..., i] < tol ** 2 * 3) & (d.argmin(-1) == i)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a boolean mask (pure numpy flood fill)."""
+def largest_component(mask: np.ndarray, weight: Optional[np.ndarray] = None) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (pure numpy flood fill); with `weight`, the
+    region holding the most of its pixels (none when no region holds any)."""
     h, w = mask.shape
+    weight = mask if weight is None else weight
     labels = np.zeros((h, w), dtype=np.int32)
     best, best_n, n = 0, 0, 0
     for y0, x0 in zip(*np.nonzero(mask)):
@@ -66,7 +73,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         labels[y0, x0] = n
         while stack:
             y, x = stack.pop()
-            count += 1
+            count += bool(weight[y, x])
             for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
                 if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
                     labels[yy, xx] = n
@@ -195,8 +202,9 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> flo
 
 
 def generated_object(img: np.ndarray, colour: str) -> np.ndarray:
-    """The largest region of a colour (and its shade): the object a caption asked for."""
-    return largest_component(colour_mask(img, colour))
+    """The region of a colour (and its shade) holding the most pixels of the colour itself: the object
+    a caption asked for (a red object with dark patches has yellow's shade but no yellow)."""
+    return largest_component(colour_mask(img, colour), base_mask(img, colour))
 
 
 def check_generation(img: np.ndarray, scene: Scene) -> dict:
